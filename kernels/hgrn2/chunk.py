@@ -1,0 +1,465 @@
+"""Chunkwise HGRN2 in Triton: forward and backward kernels with the gate math fused, and the autograd Function.
+
+Notation (per head): x = f_logit, log f = gate(x, beta), k = 1 - f, q^ = scale * q, and, inside a chunk of BT
+rows, cum_t = sum_{u <= t} log f_u (<= 0, never stored in HBM). The recurrence S_t = Diag(f_t) S_{t-1} + k_t i_t^T,
+o_t = q^_t S_t splits per chunk into
+    o = A i + (q^ * exp(cum)) S_prev,     A[t, s] = sum_k q^_tk k_sk exp(cum_tk - cum_sk)   (s <= t)
+    S_next = exp(cum_last) * S_prev + (k * exp(cum_last - cum))^T i.
+Every exponent above is <= 0, so nothing overflows whatever the gates. A is built from 16-row sub-chunks: a
+pair of different sub-chunks factors exactly through the log-decay at the boundary between them (both
+factors <= 1), a sub-chunk with itself is summed element-wise (exp of differences, also <= 1).
+
+Launches, forward:  intra (A, parallel over sub-chunks) -> scan (sequential over chunks, state in registers).
+Launches, backward: scan (reverse, state gradient in registers: di and the inter-chunk parts of dq, dk)
+                    -> intra (parallel: the intra-chunk parts of dq, dk; dq; local gate gradients)
+                    -> gate scan (reverse cumulative sum of the log-decay gradient: d f_logit, d beta).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.hgrn2.utils import (
+    SUB_CHUNK,
+    Sequences,
+    check_chunk_inputs,
+    gate_jacobians,
+    gate_log_f_and_k,
+    make_sequences,
+)
+
+CHUNK = 64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tile helpers
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(ptr, t0, eos, i_h, rows, cols, H: tl.constexpr, D: tl.constexpr):
+    """Rows t0 + rows (masked at eos) and columns cols of a [tokens, H, D] tensor, as fp32."""
+    t = t0 + rows
+    mask = (t < eos)[:, None] & (cols < D)[None, :]
+    return tl.load(ptr + (t * H + i_h)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, value, t0, eos, i_h, rows, cols, H: tl.constexpr, D: tl.constexpr):
+    t = t0 + rows
+    mask = (t < eos)[:, None] & (cols < D)[None, :]
+    tl.store(ptr + (t * H + i_h)[:, None] * D + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H: tl.constexpr, K: tl.constexpr,
+                HAS_BETA: tl.constexpr):
+    """(log f, k) of a tile; rows past eos get log f = 0 and k = 0 (no decay, no input)."""
+    x = _load_rows(x_ptr, t0, eos, i_h, rows, cols, H, K)
+    beta = 0.0
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + i_h * K + cols).to(tl.float32)[None, :]
+    log_f, k = gate_log_f_and_k(x, beta, HAS_BETA)
+    valid = ((t0 + rows) < eos)[:, None]
+    return tl.where(valid, log_f, 0.0), tl.where(valid, k, 0.0)
+
+
+@triton.jit
+def _seq_bounds(cu_ptr, seq):
+    return tl.load(cu_ptr + seq).to(tl.int64), tl.load(cu_ptr + seq + 1).to(tl.int64)
+
+
+@triton.jit
+def _diag_decay(cum, BC: tl.constexpr):
+    """exp(cum_t - cum_s) for s <= t inside one sub-chunk, 0 above the diagonal: [BC, BC, cols]."""
+    rows = tl.arange(0, BC)
+    causal = (rows[:, None] >= rows[None, :])[:, :, None]
+    return tl.exp(tl.where(causal, cum[:, None, :] - cum[None, :, :], float("-inf")))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, cu_ptr, blocks_ptr, scale,
+                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Row block [BC, BT] of A for one sub-chunk: pairs with earlier sub-chunks of its chunk, then itself."""
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    seq, blk = tl.load(blocks_ptr + 2 * i_b), tl.load(blocks_ptr + 2 * i_b + 1)
+    bos, eos = _seq_bounds(cu_ptr, seq)
+    pos = blk % (BT // BC)
+    t0 = bos + blk * BC
+    rows, cols = tl.arange(0, BC), tl.arange(0, K)
+    a_rows = a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT
+    row_ok = ((t0 + rows) < eos)[:, None]
+
+    log_f, _ = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
+    q_dec = (_load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale * tl.exp(tl.cumsum(log_f, 0))).to(DOT)
+    # Earlier sub-chunk j: factor through the boundary before this one. k_s is decayed from s to that boundary
+    # (its own suffix plus the totals of the sub-chunks in between, carried in `between`).
+    between = tl.zeros([K], tl.float32)
+    for d in range(1, pos + 1):
+        log_f_j, k_j = _load_gates(x_ptr, beta_ptr, t0 - d * BC, eos, i_h, rows, cols, H, K, HAS_BETA)
+        total_j = tl.sum(log_f_j, 0)
+        suffix_j = total_j[None, :] - tl.cumsum(log_f_j, 0)
+        k_dec = (k_j * tl.exp(suffix_j + between[None, :])).to(DOT)
+        a_ij = tl.dot(q_dec, tl.trans(k_dec), input_precision=PREC)
+        tl.store(a_rows + (pos - d) * BC + rows[None, :], a_ij, mask=row_ok)
+        between += total_j
+    # The sub-chunk with itself, element-wise, BK key columns at a time to bound the [BC, BC, BK] tile.
+    a_ii = tl.zeros([BC, BC], tl.float32)
+    for kb in tl.static_range(0, K, BK):
+        cols_b = kb + tl.arange(0, BK)
+        log_f_b, k_b = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols_b, H, K, HAS_BETA)
+        q_b = _load_rows(q_ptr, t0, eos, i_h, rows, cols_b, H, K) * scale
+        decay = _diag_decay(tl.cumsum(log_f_b, 0), BC)
+        a_ii += tl.sum(q_b[:, None, :] * k_b[None, :, :] * decay, axis=2)
+    tl.store(a_rows + pos * BC + rows[None, :], a_ii, mask=row_ok)
+
+
+@triton.jit
+def _fwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_ptr, hs_ptr, cu_ptr, chunk0_ptr,
+                     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                     BV: tl.constexpr, HAS_BETA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                     STORE_HS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One (sequence, head, value block): walk the chunks, carrying the [K, BV] state in registers."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    seq, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_ptr, seq)
+    rows, cols_k, cols_v = tl.arange(0, BT), tl.arange(0, K), i_v * BV + tl.arange(0, BV)
+    state_offsets = cols_k[:, None] * V + cols_v[None, :]
+    causal = rows[:, None] >= rows[None, :]
+    state = tl.zeros([K, BV], tl.float32)
+    if HAS_H0:
+        state = tl.load(h0_ptr + i_nh.to(tl.int64) * K * V + state_offsets)
+    chunk0 = tl.load(chunk0_ptr + seq).to(tl.int64)
+    for c in range(tl.cdiv(eos - bos, BT)):
+        t0 = bos + c * BT
+        if STORE_HS:  # the state entering each chunk, for the backward pass
+            tl.store(hs_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets, state)
+        log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols_k, H, K, HAS_BETA)
+        cum = tl.cumsum(log_f, 0)
+        total = tl.sum(log_f, 0)
+        q = _load_rows(q_ptr, t0, eos, i_h, rows, cols_k, H, K) * scale
+        v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        a_mask = ((t0 + rows) < eos)[:, None] & causal
+        a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
+        o = tl.dot(a.to(DOT), v, input_precision=PREC)
+        o += tl.dot((q * tl.exp(cum)).to(DOT), state.to(DOT), input_precision=PREC)
+        _store_rows(o_ptr, o, t0, eos, i_h, rows, cols_v, H, V)
+        k_dec = (k * tl.exp(total[None, :] - cum)).to(DOT)
+        state = state * tl.exp(total)[:, None] + tl.dot(tl.trans(k_dec), v, input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + state_offsets, state)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, dht_ptr, dh0_ptr, dq_ptr, dk_ptr,
+                     dv_ptr, cu_ptr, chunk0_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BT: tl.constexpr, BV: tl.constexpr, HAS_BETA: tl.constexpr, HAS_DHT: tl.constexpr,
+                     STORE_DH0: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Reverse walk with the state gradient dS [K, BV] in registers.
+
+    Writes di (complete: the program holds all of K) and the inter-chunk parts of dq^ and dk, partial over
+    this value block (added atomically when two value blocks exist: 0 + a + b is exact in either order).
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    seq, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_ptr, seq)
+    rows, cols_k, cols_v = tl.arange(0, BT), tl.arange(0, K), i_v * BV + tl.arange(0, BV)
+    state_offsets = cols_k[:, None] * V + cols_v[None, :]
+    causal = rows[:, None] >= rows[None, :]
+    dstate = tl.zeros([K, BV], tl.float32)
+    if HAS_DHT:
+        dstate = tl.load(dht_ptr + i_nh.to(tl.int64) * K * V + state_offsets)
+    chunk0 = tl.load(chunk0_ptr + seq).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for c_rev in range(n_chunks):
+        c = n_chunks - 1 - c_rev
+        t0 = bos + c * BT
+        log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols_k, H, K, HAS_BETA)
+        cum = tl.cumsum(log_f, 0)
+        total = tl.sum(log_f, 0)
+        decay_q, decay_k = tl.exp(cum), tl.exp(total[None, :] - cum)
+        q = _load_rows(q_ptr, t0, eos, i_h, rows, cols_k, H, K) * scale
+        v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        a_mask = ((t0 + rows) < eos)[:, None] & causal
+        a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
+        h_prev = tl.load(hs_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets).to(DOT)
+        dstate_dot = dstate.to(DOT)
+
+        dv = tl.dot(tl.trans(a.to(DOT)), do, input_precision=PREC)
+        dv += tl.dot((k * decay_k).to(DOT), dstate_dot, input_precision=PREC)
+        _store_rows(dv_ptr, dv, t0, eos, i_h, rows, cols_v, H, V)
+        dq = decay_q * tl.dot(do, tl.trans(h_prev), input_precision=PREC)
+        dk = decay_k * tl.dot(v, tl.trans(dstate_dot), input_precision=PREC)
+        offsets = ((t0 + rows) * H + i_h)[:, None] * K + cols_k[None, :]
+        row_ok = ((t0 + rows) < eos)[:, None]
+        if ATOMIC:
+            tl.atomic_add(dq_ptr + offsets, dq, mask=row_ok)
+            tl.atomic_add(dk_ptr + offsets, dk, mask=row_ok)
+        else:
+            tl.store(dq_ptr + offsets, dq, mask=row_ok)
+            tl.store(dk_ptr + offsets, dk, mask=row_ok)
+        dstate = dstate * tl.exp(total)[:, None] + tl.dot(tl.trans((q * decay_q).to(DOT)), do,
+                                                           input_precision=PREC)
+    if STORE_DH0:
+        tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + state_offsets, dstate)
+
+
+@triton.jit
+def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dg_ptr, dx_ptr,
+                      dbeta_ptr, cu_ptr, blocks_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
+                      DOT: tl.constexpr, PREC: tl.constexpr):
+    """One sub-chunk and BK key columns: intra-chunk dq^, dk; final dq; the log-decay gradient before its
+    reverse cumulative sum (q^ dq^ - k dk), and the gradient reaching f_logit and beta through k."""
+    i_b, i_kb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, blk = tl.load(blocks_ptr + 2 * i_b), tl.load(blocks_ptr + 2 * i_b + 1)
+    bos, eos = _seq_bounds(cu_ptr, seq)
+    NC: tl.constexpr = BT // BC
+    pos = blk % NC
+    t0 = bos + blk * BC
+    rows, cols, cols_v = tl.arange(0, BC), i_kb * BK + tl.arange(0, BK), tl.arange(0, V)
+
+    log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
+    cum = tl.cumsum(log_f, 0)
+    suffix = tl.sum(log_f, 0)[None, :] - cum
+    q = _load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale
+    do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+    v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+
+    # dq^ from earlier sub-chunks of the chunk (factored through the boundary before this sub-chunk).
+    dq = tl.zeros([BC, BK], tl.float32)
+    between = tl.zeros([BK], tl.float32)
+    for d in range(1, pos + 1):
+        log_f_j, k_j = _load_gates(x_ptr, beta_ptr, t0 - d * BC, eos, i_h, rows, cols, H, K, HAS_BETA)
+        total_j = tl.sum(log_f_j, 0)
+        k_dec = (k_j * tl.exp(total_j[None, :] - tl.cumsum(log_f_j, 0) + between[None, :])).to(DOT)
+        v_j = _load_rows(v_ptr, t0 - d * BC, eos, i_h, rows, cols_v, H, V).to(DOT)
+        d_ij = tl.dot(do, tl.trans(v_j), input_precision=PREC)
+        dq += tl.dot(d_ij.to(DOT), k_dec, input_precision=PREC)
+        between += total_j
+    dq *= tl.exp(cum)
+    # dk from later sub-chunks of the chunk (factored through the boundary after this sub-chunk).
+    dk = tl.zeros([BC, BK], tl.float32)
+    between = tl.zeros([BK], tl.float32)
+    end_blk = tl.minimum(blk - pos + NC, tl.cdiv(eos - bos, BC))
+    for j in range(blk + 1, end_blk):
+        tj = bos + j * BC
+        log_f_j, _ = _load_gates(x_ptr, beta_ptr, tj, eos, i_h, rows, cols, H, K, HAS_BETA)
+        q_j = _load_rows(q_ptr, tj, eos, i_h, rows, cols, H, K) * scale
+        q_dec = (q_j * tl.exp(tl.cumsum(log_f_j, 0) + between[None, :])).to(DOT)
+        do_j = _load_rows(do_ptr, tj, eos, i_h, rows, cols_v, H, V).to(DOT)
+        d_ji = tl.dot(do_j, tl.trans(v), input_precision=PREC)
+        dk += tl.dot(tl.trans(d_ji.to(DOT)), q_dec, input_precision=PREC)
+        between += tl.sum(log_f_j, 0)
+    dk *= tl.exp(suffix)
+    # The sub-chunk with itself, element-wise.
+    weight = tl.dot(do, tl.trans(v), input_precision=PREC)[:, :, None] * _diag_decay(cum, BC)
+    dq += tl.sum(weight * k[None, :, :], axis=1)
+    dk += tl.sum(weight * q[:, None, :], axis=0)
+    # Add the inter-chunk parts from the backward scan.
+    dq += _load_rows(dq_ptr, t0, eos, i_h, rows, cols, H, K)
+    dk += _load_rows(dk_ptr, t0, eos, i_h, rows, cols, H, K)
+    _store_rows(dq_out_ptr, dq * scale, t0, eos, i_h, rows, cols, H, K)
+    _store_rows(dg_ptr, q * dq - k * dk, t0, eos, i_h, rows, cols, H, K)
+    # Through k = 1 - f directly (the log-decay path waits for the reverse cumulative sum).
+    x = _load_rows(x_ptr, t0, eos, i_h, rows, cols, H, K)
+    beta = 0.0
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + i_h * K + cols).to(tl.float32)[None, :]
+    _, _, dk_dx, dk_dbeta = gate_jacobians(x, beta, HAS_BETA)
+    _store_rows(dx_ptr, dk * dk_dx, t0, eos, i_h, rows, cols, H, K)
+    if HAS_BETA:
+        row_ok = ((t0 + rows) < eos)[:, None]
+        partial = tl.sum(tl.where(row_ok, dk * dk_dbeta, 0.0), 0)
+        tl.store(dbeta_ptr + (i_b.to(tl.int64) * H + i_h) * K + cols, partial)
+
+
+@triton.jit
+def _gate_bwd_kernel(x_ptr, beta_ptr, dg_ptr, dx_ptr, dx_out_ptr, dgt_ptr, dbeta_ptr, cu_ptr,
+                     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                     HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr):
+    """Reverse cumulative sum of the log-decay gradient over the sequence, then through log f's Jacobian."""
+    i_kb, i_nh = tl.program_id(0), tl.program_id(1)
+    seq, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_ptr, seq)
+    rows, cols = tl.arange(0, BT), i_kb * BK + tl.arange(0, BK)
+    carry = tl.zeros([BK], tl.float32)
+    if HAS_DGT:  # the final state's gradient acts on the last position's cumulative decay
+        carry += tl.load(dgt_ptr + i_nh.to(tl.int64) * K + cols)
+    beta = 0.0
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + i_h * K + cols).to(tl.float32)[None, :]
+    dbeta = tl.zeros([BK], tl.float32)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for c_rev in range(n_chunks):
+        t0 = bos + (n_chunks - 1 - c_rev) * BT
+        dg = _load_rows(dg_ptr, t0, eos, i_h, rows, cols, H, K)
+        total = tl.sum(dg, 0)
+        grad_log_f = carry[None, :] + total[None, :] - tl.cumsum(dg, 0) + dg
+        carry += total
+        x = _load_rows(x_ptr, t0, eos, i_h, rows, cols, H, K)
+        dlogf_dx, dlogf_dbeta, _, _ = gate_jacobians(x, beta, HAS_BETA)
+        dx = _load_rows(dx_ptr, t0, eos, i_h, rows, cols, H, K) + grad_log_f * dlogf_dx
+        _store_rows(dx_out_ptr, dx, t0, eos, i_h, rows, cols, H, K)
+        if HAS_BETA:
+            row_ok = ((t0 + rows) < eos)[:, None]
+            dbeta += tl.sum(tl.where(row_ok, grad_log_f * dlogf_dbeta, 0.0), 0)
+    if HAS_BETA:
+        tl.store(dbeta_ptr + i_nh.to(tl.int64) * K + cols, dbeta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------------
+def _dot_config(dtype: torch.dtype):
+    """fp32 inputs: fp32 operands, IEEE products (tests hold 1e-5). bf16: bf16 operands, fp32 accumulation.
+
+    Triton's interpreter (3.7.1) returns garbage for tl.dot on tensors cast to bf16 in the kernel, so there
+    bf16 inputs take fp32 operands.
+    """
+    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32, "ieee"
+    return tl.bfloat16, "tf32"
+
+
+def _value_block(value_dim: int) -> int:
+    """At most two value blocks, so the atomic sums of the backward scan stay exact and deterministic."""
+    return max(16, value_dim // 2) if value_dim >= 64 else value_dim
+
+
+def _key_block(key_dim: int) -> int:
+    return min(32, key_dim)
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the kernels write comes from here (tests replace it with NaN-filled buffers)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs: Sequences, keep_states):
+    tokens, heads, key_dim = _flat(q).shape
+    value_dim = i.shape[-1]
+    dot, prec = _dot_config(q.dtype)
+    has_beta = beta is not None
+    beta_arg = beta if has_beta else q
+    a = empty((tokens, heads, CHUNK), torch.float32, q.device)
+    _intra_fwd_kernel[(seqs.num_blocks, heads)](
+        q, f_logit, beta_arg, a, seqs.cu_seqlens, seqs.blocks, scale, H=heads, K=key_dim, BT=CHUNK,
+        BC=SUB_CHUNK, BK=_key_block(key_dim), HAS_BETA=has_beta, DOT=dot, PREC=prec, num_warps=4,
+    )
+    o = empty(i.shape, i.dtype, i.device)
+    final = empty((seqs.num_seqs, heads, key_dim, value_dim), torch.float32, q.device) if output_final_state else None
+    states = empty((seqs.num_chunks, heads, key_dim, value_dim), torch.float32, q.device) if keep_states else None
+    block_v = _value_block(value_dim)
+    _fwd_scan_kernel[(triton.cdiv(value_dim, block_v), seqs.num_seqs * heads)](
+        q, f_logit, beta_arg, i, a, o, initial_state if initial_state is not None else q,
+        final if final is not None else q, states if states is not None else q, seqs.cu_seqlens,
+        seqs.chunk_offsets, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v, HAS_BETA=has_beta,
+        HAS_H0=initial_state is not None, STORE_HT=final is not None, STORE_HS=keep_states, DOT=dot, PREC=prec,
+        num_warps=8 if key_dim * block_v >= 64 * 64 else 4,
+    )
+    return o, final, a, states
+
+
+def _backward(q, f_logit, i, beta, scale, initial_state, final, a, states, do, dht, seqs: Sequences):
+    tokens, heads, key_dim = _flat(q).shape
+    value_dim = i.shape[-1]
+    dot, prec = _dot_config(q.dtype)
+    has_beta = beta is not None
+    beta_arg = beta if has_beta else q
+    block_v = _value_block(value_dim)
+    num_v = triton.cdiv(value_dim, block_v)
+    dq_inter = empty((tokens, heads, key_dim), torch.float32, q.device)
+    dk_inter = empty((tokens, heads, key_dim), torch.float32, q.device)
+    if num_v > 1:  # accumulated atomically
+        dq_inter.zero_()
+        dk_inter.zero_()
+    di = empty(i.shape, i.dtype, i.device)
+    dh0 = empty(initial_state.shape, torch.float32, q.device) if initial_state is not None else None
+    _bwd_scan_kernel[(num_v, seqs.num_seqs * heads)](
+        q, f_logit, beta_arg, i, a, do, states, dht if dht is not None else q, dh0 if dh0 is not None else q,
+        dq_inter, dk_inter, di, seqs.cu_seqlens, seqs.chunk_offsets, scale, H=heads, K=key_dim, V=value_dim,
+        BT=CHUNK, BV=block_v, HAS_BETA=has_beta, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        ATOMIC=num_v > 1, DOT=dot, PREC=prec, num_warps=8 if key_dim * block_v >= 64 * 64 else 4,
+    )
+    block_k = _key_block(key_dim)
+    num_k = triton.cdiv(key_dim, block_k)
+    dq = empty(q.shape, q.dtype, q.device)
+    dg = empty((tokens, heads, key_dim), torch.float32, q.device)
+    dx_local = empty((tokens, heads, key_dim), torch.float32, q.device)
+    dbeta_local = empty((seqs.num_blocks, heads, key_dim), torch.float32, q.device)
+    _intra_bwd_kernel[(seqs.num_blocks, num_k, heads)](
+        q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dq, dg, dx_local, dbeta_local, seqs.cu_seqlens,
+        seqs.blocks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK, BK=block_k,
+        HAS_BETA=has_beta, DOT=dot, PREC=prec, num_warps=4,
+    )
+    dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
+    dgt = (dht * final).sum(-1) if dht is not None else None
+    dbeta_seq = empty((seqs.num_seqs, heads, key_dim), torch.float32, q.device)
+    _gate_bwd_kernel[(num_k, seqs.num_seqs * heads)](
+        f_logit, beta_arg, dg, dx_local, dx, dgt if dgt is not None else q, dbeta_seq, seqs.cu_seqlens,
+        H=heads, K=key_dim, BT=CHUNK, BK=block_k, HAS_BETA=has_beta, HAS_DGT=dgt is not None, num_warps=4,
+    )
+    dbeta = (dbeta_local.sum(0) + dbeta_seq.sum(0)) if has_beta else None
+    return dq, dx, di, dbeta, dh0
+
+
+class ChunkHGRN2Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, f_logit, i, lower_bound, scale, initial_state, output_final_state, cu_seqlens):
+        batch, seq_len = q.shape[:2]
+        seqs = make_sequences(batch, seq_len, cu_seqlens, CHUNK, q.device)
+        beta = lower_bound.float().contiguous() if lower_bound is not None else None
+        keep = any(ctx.needs_input_grad)
+        # The backward needs the final state to send the final state's gradient into the gates.
+        want_final = output_final_state or keep
+        o, final, a, states = _forward(q, f_logit, i, beta, scale, initial_state, want_final, seqs, keep)
+        ctx.save_for_backward(q, f_logit, i, beta, initial_state, final, a, states)
+        ctx.seqs, ctx.scale, ctx.lower_bound_dtype = seqs, scale, None if lower_bound is None else lower_bound.dtype
+        return o, (final if output_final_state else None)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, f_logit, i, beta, initial_state, final, a, states = ctx.saved_tensors
+        dq, dx, di, dbeta, dh0 = _backward(q, f_logit, i, beta, ctx.scale, initial_state, final, a, states,
+                                           do.contiguous(), None if dht is None else dht.contiguous(), ctx.seqs)
+        if dbeta is not None:
+            dbeta = dbeta.to(ctx.lower_bound_dtype)
+        return dq, dx, di, dbeta, None, dh0, None, None
+
+
+def chunk_hgrn2(
+    q: torch.Tensor,
+    f_logit: torch.Tensor,
+    i: torch.Tensor,
+    lower_bound: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """HGRN2 over a batch (or packed sequences), chunkwise in Triton; same contract as ``hgrn2_chunk_torch``.
+
+    q (post-swish), f_logit [B, T, H, K]; i [B, T, H, V]; lower_bound [H, K] or None; initial_state fp32
+    [N, H, K, V] (key-first). Inputs fp32 or bf16 (one dtype), contiguous; K, V in {16, 32, 64, 128}.
+    Returns o [B, T, H, V] in i's dtype and the fp32 final state (None unless output_final_state).
+    Differentiable in q, f_logit, i, lower_bound and initial_state.
+    """
+    check_chunk_inputs(q, f_logit, i, lower_bound, initial_state, cu_seqlens)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return ChunkHGRN2Function.apply(q, f_logit, i, lower_bound, scale, initial_state, output_final_state,
+                                    cu_seqlens)

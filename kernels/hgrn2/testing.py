@@ -1,0 +1,55 @@
+"""Helpers for tests of the Triton kernels: interpreter set-up, poisoned buffers, error measures.
+
+Triton decides between compiling and interpreting when ``@triton.jit`` runs, reading TRITON_INTERPRET from
+the environment (triton 3.7: ``knobs.runtime.interpret``, looked up on every decoration). If our kernel
+modules were imported before the variable was set, ``interpreted_kernels`` sets it and re-imports them, so a
+test on a machine without a GPU works whichever module of a pytest session imported triton first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+
+import torch
+
+
+def interpreted_kernels():
+    """(chunk module, decode module), interpreted on the CPU when no GPU is present."""
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    from kernels.hgrn2 import chunk, decode
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(chunk._fwd_scan_kernel, InterpretedFunction):
+            for name in ("kernels.hgrn2.utils", "kernels.hgrn2.chunk", "kernels.hgrn2.decode", "kernels.hgrn2"):
+                importlib.reload(sys.modules[name])
+            from kernels.hgrn2 import chunk, decode
+    return chunk, decode
+
+
+@contextlib.contextmanager
+def poisoned_buffers(chunk_module):
+    """Every buffer the chunk kernels allocate starts as NaN: an element a kernel fails to write shows."""
+    original = chunk_module.empty
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    chunk_module.empty = nan_empty
+    try:
+        yield
+    finally:
+        chunk_module.empty = original
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64; NaN anywhere gives inf."""
+    actual, expected = actual.double(), expected.double()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()

@@ -1,0 +1,196 @@
+"""Shared pieces of the HGRN2 Triton kernels: fused gate math, input validation, sequence bookkeeping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+SUB_CHUNK = 16  # rows of the diagonal blocks handled element-wise (the stable part of the intra-chunk math)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gate math, shared by every kernel. x = f_logit (fp32); beta = lower bound (fp32, broadcast along rows).
+#   sigma(x) and sigma(-x) through 1 / (1 + exp(-+x)): exact to an ulp for any x (inf -> 0, no NaN).
+#   log f = logsigmoid(x) without a bound, log(beta + (1 - beta) sigma(x)) with one;
+#   k = 1 - f = (1 - beta) sigma(-x): no cancellation when f is close to 1 (a plain 1 - exp(log f) would
+#   lose relative accuracy exactly where beta pushes f towards 1).
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def gate_log_f_and_k(x, beta, HAS_BETA: tl.constexpr):
+    """Returns (log f, k) for logits x."""
+    log_sig = tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+    sig_neg = 1.0 / (1.0 + tl.exp(x))
+    if HAS_BETA:
+        f = beta + (1.0 - beta) * tl.exp(log_sig)
+        log_f = tl.where(beta > 0, tl.log(f), log_sig)
+        k = (1.0 - beta) * sig_neg
+    else:
+        log_f = log_sig
+        k = sig_neg
+    return log_f, k
+
+
+@triton.jit
+def gate_jacobians(x, beta, HAS_BETA: tl.constexpr):
+    """Returns (d log f / dx, d log f / d beta, d k / dx, d k / d beta) for logits x."""
+    sig = 1.0 / (1.0 + tl.exp(-x))
+    sig_neg = 1.0 / (1.0 + tl.exp(x))
+    if HAS_BETA:
+        f = beta + (1.0 - beta) * sig
+        # beta > 0 keeps f >= beta > 0; at beta == 0 the ratio (1 - beta) sigma / f is exactly 1.
+        ratio = tl.where(beta > 0, (1.0 - beta) * sig / f, 1.0)
+        dlogf_dx = ratio * sig_neg
+        dlogf_dbeta = sig_neg / f
+        dk_dx = -(1.0 - beta) * sig * sig_neg
+        dk_dbeta = -sig_neg
+    else:
+        dlogf_dx = sig_neg
+        dlogf_dbeta = tl.zeros_like(x)
+        dk_dx = -sig * sig_neg
+        dk_dbeta = tl.zeros_like(x)
+    return dlogf_dx, dlogf_dbeta, dk_dx, dk_dbeta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: every public entry point rejects what the kernels cannot compute, before any launch.
+# ----------------------------------------------------------------------------------------------------------
+def _check_tensor(name: str, x: torch.Tensor, dims: int, dtypes=SUPPORTED_DTYPES) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(x.dtype).replace('torch.', '')}; supported: {names}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first); got strides {x.stride()}")
+
+
+def _check_head_dims(key_dim: int, value_dim: int) -> None:
+    for name, dim in (("key (q/f_logit)", key_dim), ("value (i)", value_dim)):
+        if dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"unsupported {name} head dim {dim}; supported: {SUPPORTED_HEAD_DIMS}")
+
+
+def _check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all inputs must be on one device, got {devices}")
+
+
+def check_chunk_inputs(q, f_logit, i, lower_bound, initial_state, cu_seqlens) -> int:
+    """Validates chunk_hgrn2's inputs; returns the number of independent sequences N."""
+    _check_tensor("q", q, 4)
+    _check_tensor("f_logit", f_logit, 4)
+    _check_tensor("i", i, 4)
+    if q.shape != f_logit.shape:
+        raise ValueError(f"q {tuple(q.shape)} and f_logit {tuple(f_logit.shape)} must have the same shape")
+    if q.shape[:3] != i.shape[:3]:
+        raise ValueError(f"q [B,T,H,K] {tuple(q.shape)} and i [B,T,H,V] {tuple(i.shape)} disagree on B, T or H")
+    if not (q.dtype == f_logit.dtype == i.dtype):
+        raise TypeError(f"q, f_logit and i must share one dtype, got {q.dtype}, {f_logit.dtype}, {i.dtype}")
+    batch, _, heads, key_dim = q.shape
+    _check_head_dims(key_dim, i.shape[-1])
+    if lower_bound is not None:
+        _check_tensor("lower_bound", lower_bound, 2, (torch.float32, torch.bfloat16, torch.float16))
+        if tuple(lower_bound.shape) != (heads, key_dim):
+            raise ValueError(f"lower_bound must be [H, K] = {(heads, key_dim)}, got {tuple(lower_bound.shape)}")
+    num_seqs = batch
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, batch, q.shape[1])
+        num_seqs = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, 4, (torch.float32,))
+        expected = (num_seqs, heads, key_dim, i.shape[-1])
+        if tuple(initial_state.shape) != expected:
+            raise ValueError(f"initial_state must be [N, H, K, V] = {expected}, got {tuple(initial_state.shape)}")
+    _check_same_device(q=q, f_logit=f_logit, i=i, lower_bound=lower_bound, initial_state=initial_state,
+                       cu_seqlens=cu_seqlens)
+    return num_seqs
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None:
+    """cu_seqlens: int32/int64, 1-D, starts at 0, strictly increasing, ends at T; batch must be 1.
+
+    Reads the offsets on the host (one device sync): the varlen grid needs them anyway.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if batch != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {batch}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T = {seq_len}, got {bounds[0]} ... {bounds[-1]}")
+    if any(bounds[n + 1] <= bounds[n] for n in range(len(bounds) - 1)):
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {bounds}")
+
+
+def check_decode_inputs(q, f_logit, i, state, lower_bound) -> None:
+    """Validates decode_hgrn2's inputs (host metadata only: safe under CUDA-graph capture)."""
+    _check_tensor("q", q, 3)
+    _check_tensor("f_logit", f_logit, 3)
+    _check_tensor("i", i, 3)
+    _check_tensor("state", state, 4, (torch.float32,))
+    if q.shape != f_logit.shape:
+        raise ValueError(f"q {tuple(q.shape)} and f_logit {tuple(f_logit.shape)} must have the same shape")
+    if q.shape[:2] != i.shape[:2]:
+        raise ValueError(f"q [B,H,K] {tuple(q.shape)} and i [B,H,V] {tuple(i.shape)} disagree on B or H")
+    if not (q.dtype == f_logit.dtype == i.dtype):
+        raise TypeError(f"q, f_logit and i must share one dtype, got {q.dtype}, {f_logit.dtype}, {i.dtype}")
+    batch, heads, key_dim = q.shape
+    _check_head_dims(key_dim, i.shape[-1])
+    expected = (batch, heads, key_dim, i.shape[-1])
+    if tuple(state.shape) != expected:
+        raise ValueError(f"state must be [B, H, K, V] = {expected}, got {tuple(state.shape)}")
+    if lower_bound is not None:
+        _check_tensor("lower_bound", lower_bound, 2, (torch.float32, torch.bfloat16, torch.float16))
+        if tuple(lower_bound.shape) != (heads, key_dim):
+            raise ValueError(f"lower_bound must be [H, K] = {(heads, key_dim)}, got {tuple(lower_bound.shape)}")
+    _check_same_device(q=q, f_logit=f_logit, i=i, state=state, lower_bound=lower_bound)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sequence bookkeeping: every launch sees a list of independent sequences [bos, eos) over the flattened
+# token axis, whether they come from a [B, T] batch or from cu_seqlens.
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Sequences:
+    cu_seqlens: torch.Tensor  # int32 [N + 1], offsets into the flattened token axis
+    blocks: torch.Tensor  # int32 [NB, 2]: (sequence, sub-chunk index within it) of every SUB_CHUNK block
+    chunk_offsets: torch.Tensor  # int32 [N]: index of each sequence's first chunk in per-chunk buffers
+    num_seqs: int
+    num_blocks: int
+    num_chunks: int
+
+
+def make_sequences(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, chunk: int,
+                   device: torch.device) -> Sequences:
+    if cu_seqlens is None:
+        # Built on the device with no host sync: a [B, T] batch is B sequences of length T.
+        per_seq_blocks, per_seq_chunks = triton.cdiv(seq_len, SUB_CHUNK), triton.cdiv(seq_len, chunk)
+        cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
+        index = torch.arange(batch * per_seq_blocks, device=device, dtype=torch.int32)
+        blocks = torch.stack([index // per_seq_blocks, index % per_seq_blocks], dim=1).contiguous()
+        offsets = torch.arange(batch, device=device, dtype=torch.int32) * per_seq_chunks
+        return Sequences(cu, blocks, offsets, batch, batch * per_seq_blocks, batch * per_seq_chunks)
+    bounds = cu_seqlens.tolist()
+    lengths = [bounds[n + 1] - bounds[n] for n in range(len(bounds) - 1)]
+    block_counts = [triton.cdiv(n, SUB_CHUNK) for n in lengths]
+    chunk_counts = [triton.cdiv(n, chunk) for n in lengths]
+    pairs = [(n, j) for n, count in enumerate(block_counts) for j in range(count)]
+    starts, total = [], 0
+    for count in chunk_counts:
+        starts.append(total)
+        total += count
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+    return Sequences(as_tensor(bounds), as_tensor(pairs).reshape(-1, 2).contiguous(), as_tensor(starts),
+                     len(lengths), len(pairs), total)

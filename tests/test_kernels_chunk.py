@@ -1,0 +1,139 @@
+"""Triton chunkwise HGRN2 (forward and backward) against the float64 step-by-step reference.
+
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (see kernels/hgrn2/testing.py), so
+shapes stay tiny. Inputs are drawn fresh on every run (the seed is in each failure message); every buffer
+the kernels write starts as NaN.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kernels.hgrn2.naive import hgrn2_recurrent_reference
+from kernels.hgrn2.testing import interpreted_kernels, poisoned_buffers, relative_error
+
+chunk, _ = interpreted_kernels()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OUT_TOL, GRAD_TOL = 1e-5, 1e-4
+
+
+def _inputs(batch, seq_len, heads, key_dim, value_dim, bounded, with_h0, num_seqs, gate_shift=0.0,
+            gate_spread=1.0):
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float32)
+    q = torch.nn.functional.silu(draw(batch, seq_len, heads, key_dim))
+    f_logit = draw(batch, seq_len, heads, key_dim) * gate_spread + gate_shift
+    i = draw(batch, seq_len, heads, value_dim)
+    lower_bound = torch.rand(heads, key_dim, generator=gen) if bounded else None
+    h0 = draw(num_seqs, heads, key_dim, value_dim) if with_h0 else None
+    return seed, {"q": q, "f_logit": f_logit, "i": i, "lower_bound": lower_bound, "initial_state": h0}
+
+
+def _run(fn, inputs, cu_seqlens, device, scale=None):
+    """Output, final state and the gradients of every input under a random linear loss."""
+    leaves = {name: x.detach().to(device).requires_grad_() for name, x in inputs.items() if x is not None}
+    args = {name: leaves.get(name) for name in inputs}
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
+    o, final = fn(**args, scale=scale, output_final_state=True, cu_seqlens=cu)
+    gen = torch.Generator().manual_seed(1234)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device, o.dtype)
+    dfinal = torch.randn(final.shape, generator=gen, dtype=torch.float64).to(device, final.dtype)
+    ((o * do).sum() + (final * dfinal).sum()).backward()
+    return o, final, {name: x.grad for name, x in leaves.items()}
+
+
+def _check(inputs, seed, cu_seqlens=None, scale=None, grad_tol=None):
+    with poisoned_buffers(chunk):
+        o, final, grads = _run(chunk.chunk_hgrn2, inputs, cu_seqlens, DEVICE, scale)
+    ref_inputs = {name: None if x is None else x.double() for name, x in inputs.items()}
+    ref_o, ref_final, ref_grads = _run(hgrn2_recurrent_reference, ref_inputs, cu_seqlens, "cpu", scale)
+    errors = {"o": relative_error(o.cpu(), ref_o), "final_state": relative_error(final.cpu(), ref_final)}
+    assert max(errors.values()) <= OUT_TOL, f"seed {seed}: {errors}"
+    grad_errors = {f"d{name}": relative_error(grads[name].cpu(), ref_grads[name]) for name in grads}
+    for name, error in grad_errors.items():
+        tol = (grad_tol or {}).get(name, GRAD_TOL)
+        assert error <= tol, f"seed {seed}: {name} {error:.2e} > {tol:.0e}; all: {grad_errors}"
+    return errors, grad_errors
+
+
+@pytest.mark.parametrize(
+    "batch,seq_len,heads,dim,bounded,with_h0",
+    [
+        (2, 37, 2, 32, True, True),  # one partial chunk, T not a multiple of the sub-chunk either
+        (1, 150, 3, 16, False, False),  # three chunks, the last partial; no bound (layer 0)
+        (1, 83, 2, 64, True, False),  # two value blocks: the backward's atomic sums
+        (1, 70, 1, 128, True, True),  # the paper's head dim
+    ],
+)
+def test_chunk_matches_reference(batch, seq_len, heads, dim, bounded, with_h0):
+    seed, inputs = _inputs(batch, seq_len, heads, dim, dim, bounded, with_h0, batch)
+    _check(inputs, seed)
+
+
+@pytest.mark.parametrize("with_h0,bounded", [(True, True), (False, False)])
+def test_chunk_varlen_three_documents(with_h0, bounded):
+    """State resets at document boundaries inside one packed row (lengths 23, 77 and 41)."""
+    cu_seqlens = [0, 23, 100, 141]
+    seed, inputs = _inputs(1, 141, 2, 32, 32, bounded, with_h0, 3)
+    _check(inputs, seed, cu_seqlens)
+
+
+def test_chunk_varlen_matches_separate_calls():
+    """A packed row gives what separate calls on each document give."""
+    cu_seqlens = [0, 17, 81, 99]
+    seed, inputs = _inputs(1, 99, 2, 16, 16, True, True, 3)
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=DEVICE)
+    packed = {name: x.to(DEVICE) for name, x in inputs.items()}
+    o, final = chunk.chunk_hgrn2(**packed, output_final_state=True, cu_seqlens=cu)
+    for n in range(3):
+        start, end = cu_seqlens[n], cu_seqlens[n + 1]
+        part = {name: x[:, start:end] for name, x in packed.items() if name in ("q", "f_logit", "i")}
+        o_n, final_n = chunk.chunk_hgrn2(**part, lower_bound=packed["lower_bound"],
+                                         initial_state=packed["initial_state"][n : n + 1].contiguous(),
+                                         output_final_state=True)
+        assert relative_error(o[:, start:end], o_n) <= 1e-6, f"seed {seed}, document {n}"
+        assert relative_error(final[n : n + 1], final_n) <= 1e-6, f"seed {seed}, document {n}"
+
+
+def test_chunk_custom_scale_and_no_final_state():
+    seed, inputs = _inputs(1, 40, 2, 32, 32, True, False, 1)
+    _check(inputs, seed, scale=0.3)
+    o, final = chunk.chunk_hgrn2(inputs["q"].to(DEVICE), inputs["f_logit"].to(DEVICE), inputs["i"].to(DEVICE))
+    assert final is None and torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("shift,spread,bounded", [(-30.0, 8.0, False), (-60.0, 20.0, True), (12.0, 4.0, False)])
+def test_chunk_extreme_gates(shift, spread, bounded):
+    """Forget-gate logits far below -20 (log f of -30 to -100 a step: a naive exp(-cumsum) overflows within a
+    few steps) and far above 0 (f -> 1). Outputs and the gradients of q, i, h0 and beta hold the usual
+    tolerance. d f_logit is looser where f ~ 0: its log-decay part is a difference of O(1) terms
+    (q dq - k dk) whose exact value is tiny, so fp32 rounding dominates its relative error."""
+    seed, inputs = _inputs(2, 100, 2, 32, 32, bounded, True, 2, gate_shift=shift, gate_spread=spread)
+    _check(inputs, seed, grad_tol={"df_logit": 1e-2 if shift < 0 else GRAD_TOL})
+
+
+def test_chunk_forward_without_grad_keeps_no_states():
+    seed, inputs = _inputs(1, 50, 1, 16, 16, False, False, 1)
+    with torch.no_grad(), poisoned_buffers(chunk):
+        o, _ = chunk.chunk_hgrn2(inputs["q"].to(DEVICE), inputs["f_logit"].to(DEVICE), inputs["i"].to(DEVICE))
+    ref, _ = hgrn2_recurrent_reference(*(inputs[n].double() for n in ("q", "f_logit", "i")))
+    assert relative_error(o.cpu(), ref) <= OUT_TOL, f"seed {seed}"
+
+
+def test_chunk_bf16_inputs_close_to_reference():
+    """bf16 in, bf16 out, fp32 state: errors at bf16's resolution."""
+    seed, inputs = _inputs(1, 70, 2, 32, 32, True, True, 1)
+    low = {name: (x if name in ("initial_state", "lower_bound") or x is None else x.bfloat16())
+           for name, x in inputs.items()}
+    o, final, grads = _run(chunk.chunk_hgrn2, low, None, DEVICE)
+    assert o.dtype == torch.bfloat16 and grads["q"].dtype == torch.bfloat16
+    ref_inputs = {name: None if x is None else x.double() for name, x in low.items()}
+    ref_o, ref_final, ref_grads = _run(hgrn2_recurrent_reference, ref_inputs, None, "cpu")
+    assert relative_error(o.cpu(), ref_o) <= 2e-2, f"seed {seed}"
+    assert relative_error(final.cpu(), ref_final) <= 2e-2, f"seed {seed}"
+    for name in grads:
+        assert relative_error(grads[name].cpu(), ref_grads[name]) <= 5e-2, f"seed {seed}: d{name}"
