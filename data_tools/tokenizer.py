@@ -168,6 +168,19 @@ def _train_sentencepiece(corpus: Path, prefix: Path, settings: TrainerSettings) 
         )
     except RuntimeError as error:
         raise DataToolsError(f"sentencepiece training failed: {error}") from None
+    _forget_training_paths(Path(f"{prefix}.model"))
+
+
+def _forget_training_paths(model: Path) -> None:
+    # The model records its (temporary) input file and output prefix; drop them so the same
+    # sample and settings give byte-identical models wherever they are trained.
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.model_prefix = ""
+    model.write_bytes(proto.SerializeToString())
 
 
 def train_tokenizer(
