@@ -131,24 +131,40 @@ class IndexInfo:
 
 
 class IndexedTokens:
-    """Read-only token access to one dataset by document; the `.bin` is memory-mapped."""
+    """Read-only token access to one dataset by document; `.bin` and `.idx` stay memory-mapped.
+
+    With one sequence per document (what hgrn2-preprocess and Megatron's preprocess_data write)
+    the per-document arrays are the index's own, so opening a dataset of hundreds of millions of
+    documents copies nothing into memory, however many training processes open it."""
 
     def __init__(self, prefix: str | Path) -> None:
         self.prefix = str(prefix)
         self.index = IndexInfo(idx_path(prefix))
         self.tokens = np.memmap(bin_path(prefix), dtype=self.index.dtype, mode="r")
-        bounds = self.index.document_indices
-        itemsize = np.dtype(self.index.dtype).itemsize
-        self.doc_pointers = self.index.pointers[bounds[:-1]] // itemsize
-        self.doc_lengths = self.index.document_lengths()
+        self.itemsize = np.dtype(self.index.dtype).itemsize
+        if _one_sequence_per_document(self.index):
+            self.doc_pointers, self.doc_lengths = self.index.pointers, self.index.lengths
+        else:
+            self.doc_pointers = self.index.pointers[self.index.document_indices[:-1]]
+            self.doc_lengths = self.index.document_lengths()
 
     def __len__(self) -> int:
         return len(self.doc_lengths)
 
     def document(self, doc: int, offset: int = 0, count: int | None = None) -> np.ndarray:
-        start = int(self.doc_pointers[doc]) + offset
+        start = int(self.doc_pointers[doc]) // self.itemsize + offset
         length = int(self.doc_lengths[doc]) - offset
         return self.tokens[start : start + (length if count is None else min(count, length))]
+
+
+def _one_sequence_per_document(index: IndexInfo, block: int = 1 << 22) -> bool:
+    bounds = index.document_indices
+    if len(bounds) != index.sequence_count + 1:
+        return False
+    for start in range(0, len(bounds), block):  # in blocks, to keep memory flat
+        if not np.array_equal(bounds[start : start + block], np.arange(start, min(start + block, len(bounds)))):
+            return False
+    return True
 
 
 def merge_parts(part_prefixes: Sequence[Path], out_bin: Path, out_idx: Path, dtype: type) -> None:

@@ -1,0 +1,248 @@
+"""Preprocessing throughput: tokens/s per worker for each corpus format, 1 vs 2 workers, and a
+profile that splits one worker's time between the tokenizer and our reading/parsing/writing.
+
+Inputs: the shipped real-text samples (data_tools/samples), each repeated `--repeat` times into
+one shard so a run lasts seconds. Tokenizer: BPE with byte fallback trained on those samples.
+
+    python benchmarks/preprocess.py [--vocab-size 8000] [--repeat 3] [--runs 3] [--write-docs]
+
+`--write-docs` replaces the "## Data preprocessing" section of docs/perf.md with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import platform
+import pstats
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_tools.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from data_tools.readers import ReaderOptions, read_raw_batches  # noqa: E402
+from data_tools.records import iter_documents, parse_batch  # noqa: E402
+from data_tools.sources import expand_inputs  # noqa: E402
+from data_tools.testing import (  # noqa: E402
+    C4_SAMPLE,
+    PILE_SAMPLE,
+    WIKI_SAMPLE,
+    sample_texts,
+    write_c4,
+    write_pile,
+    write_wikipedia,
+)
+from data_tools.tokenizer import SampleGroup, TrainerSettings, train_tokenizer  # noqa: E402
+
+SECTION = "## Data preprocessing"
+
+
+@dataclass
+class FormatInput:
+    name: str
+    path: Path
+    chars: int
+
+
+def make_inputs(directory: Path, repeat: int) -> list[FormatInput]:
+    texts = {"pile (.jsonl.zst)": sample_texts(PILE_SAMPLE), "c4 (.json.gz)": sample_texts(C4_SAMPLE),
+             "wikipedia (.parquet)": sample_texts(WIKI_SAMPLE)}
+    writers = {"pile (.jsonl.zst)": (write_pile, "pile.jsonl.zst"), "c4 (.json.gz)": (write_c4, "c4.json.gz"),
+               "wikipedia (.parquet)": (write_wikipedia, "wiki.parquet")}
+    inputs = []
+    for name, documents in texts.items():
+        writer, file_name = writers[name]
+        path = writer(directory / file_name, documents * repeat)
+        inputs.append(FormatInput(name, path, sum(map(len, documents)) * repeat))
+    return inputs
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its waited-for children (the pool's workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@dataclass
+class Timing:
+    wall: float
+    cpu: float
+    tokens: int
+    load: float  # 1-minute load average when the run started: other work on the machine
+
+
+def time_preprocess(source: FormatInput, model: Path, workers: int, out: Path, runs: int) -> Timing:
+    """Median wall and CPU seconds of full hgrn2-preprocess runs, fresh output each time."""
+    timings = []
+    for run in range(runs):
+        config = PreprocessConfig(inputs=(str(source.path),), tokenizer=str(model),
+                                  output_prefix=out / f"{source.path.stem}_{workers}_{run}", workers=workers,
+                                  progress=False)
+        load = os.getloadavg()[0]
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        summary = preprocess(config)
+        timings.append(Timing(time.perf_counter() - wall, cpu_seconds() - cpu, summary.tokens, load))
+    return Timing(statistics.median(t.wall for t in timings), statistics.median(t.cpu for t in timings),
+                  timings[0].tokens, max(t.load for t in timings))
+
+
+def time_reading_only(source: FormatInput) -> float:
+    """CPU seconds to read, decompress, parse and validate the shard without tokenizing."""
+    (shard,) = expand_inputs([str(source.path)])
+    options = ReaderOptions()
+    start = time.process_time()
+    for batch in read_raw_batches(shard, options):
+        parse_batch(batch, shard, options)
+    return time.process_time() - start
+
+
+def time_tokenizer_only(source: FormatInput, model: Path) -> float:
+    """CPU seconds sentencepiece alone needs for the shard's documents (one thread, batches of 256)."""
+    (shard,) = expand_inputs([str(source.path)])
+    texts = list(iter_documents(shard, ReaderOptions()))
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    start = time.process_time()
+    for first in range(0, len(texts), 256):
+        processor.encode(texts[first : first + 256], num_threads=1)
+    return time.process_time() - start
+
+
+CATEGORIES = {
+    "tokenizer (sentencepiece encode)": ("sentencepiece",),
+    "JSON/UTF-8 parsing and checks": ("json", "records.py", "'decode' of 'bytes'", "'encode' of 'str'",
+                                      "'strip' of", "'isascii' of"),
+    "reading and decompression": ("readers.py", "gzip.py", "zstandard", "zlib", "parquet", "pyarrow",
+                                  "_compression.py", "'split' of 'bytes'", "'read' of"),
+    "token array building and writing": ("tokenize_worker.py", "indexed.py", "numpy", "shard_parts.py",
+                                         "'write' of", "shutil"),
+}
+
+
+def categorise(entry: tuple[str, int, str]) -> str:
+    file_name, _, function = entry
+    text = f"{file_name}:{function}"
+    for category, needles in CATEGORIES.items():
+        if any(needle in text for needle in needles):
+            return category
+    return "other (pipeline, progress, interpreter)"
+
+
+def profile_one_worker(source: FormatInput, model: Path, out: Path) -> tuple[dict[str, float], str]:
+    """Own time (tottime) per category for a single-process run, and the top functions."""
+    config = PreprocessConfig(inputs=(str(source.path),), tokenizer=str(model),
+                              output_prefix=out / f"profile_{source.path.stem}", workers=1, progress=False)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    preprocess(config)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    shares: dict[str, float] = {}
+    for entry, (_, _, own_time, _, _) in stats.stats.items():
+        shares[categorise(entry)] = shares.get(categorise(entry), 0.0) + own_time
+    top = io.StringIO()
+    pstats.Stats(profiler, stream=top).sort_stats("tottime").print_stats(8)
+    return shares, top.getvalue()
+
+
+def markdown(rows: list[dict], profile: dict[str, dict[str, float]], vocab_size: int, cpu: str) -> str:
+    lines = [
+        SECTION,
+        "",
+        f"Measured by `python benchmarks/preprocess.py --write-docs` on {cpu} ({os.cpu_count()} cores), "
+        f"Python {platform.python_version()}. Inputs: the shipped real-text samples, each format's sample "
+        f"repeated into one shard; tokenizer: sentencepiece BPE, vocab {vocab_size}, byte fallback. "
+        "Medians of the runs; EOD tokens included. *CPU* rates divide tokens by the CPU seconds of the "
+        "whole command (main process and workers), so they hold when other jobs share the machine; "
+        "*wall* rates are what you wait for, and only mean something on an idle machine (the load "
+        "average during the runs is given).",
+        "",
+        "| format | text MB | tokens | tokenizer alone: tokens per CPU-s | 1 worker: tokens per CPU-s "
+        "| 2 workers: tokens per CPU-s (per worker) | 1 worker: tokens/s wall | 2 workers: tokens/s wall "
+        "| speed-up 1→2 (wall) | load avg | read+parse only: MB per CPU-s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        one, two = row["one"], row["two"]
+        lines.append(
+            f"| {row['name']} | {row['chars'] / 1e6:.1f} | {one.tokens / 1e6:.2f}M "
+            f"| {one.tokens / row['tokenizer_cpu'] / 1e6:.2f}M | {one.tokens / one.cpu / 1e6:.2f}M "
+            f"| {two.tokens / two.cpu / 1e6:.2f}M | {one.tokens / one.wall / 1e6:.2f}M "
+            f"| {two.tokens / two.wall / 1e6:.2f}M | {one.wall / two.wall:.2f}× | {max(one.load, two.load):.1f} "
+            f"| {row['chars'] / row['read_cpu'] / 1e6:.0f} |"
+        )
+    lines += ["", "Where one worker's time goes (cProfile, own time per function grouped; `--workers 1`, so "
+              "reading, parsing, tokenizing and writing all run in one process):", "",
+              "| format | " + " | ".join(CATEGORIES) + " | other |",
+              "| --- |" + " --- |" * (len(CATEGORIES) + 1)]
+    for name, shares in profile.items():
+        total = sum(shares.values())
+        cells = [f"{shares.get(c, 0.0) / total:.0%}" for c in CATEGORIES]
+        cells.append(f"{shares.get('other (pipeline, progress, interpreter)', 0.0) / total:.0%}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(document: Path, section: str) -> None:
+    text = document.read_text(encoding="utf-8") if document.exists() else "# Performance\n"
+    if SECTION not in text:
+        document.write_text(text.rstrip("\n") + "\n\n" + section, encoding="utf-8")
+        return
+    before, after = text.split(SECTION, 1)
+    following = after.find("\n## ")
+    rest = after[following + 1 :] if following >= 0 else ""
+    document.write_text(before + section + ("\n" + rest if rest else ""), encoding="utf-8")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="hgrn2-bench-") as scratch:
+        directory = Path(scratch)
+        group = SampleGroup("samples", (str(PILE_SAMPLE), str(C4_SAMPLE), str(WIKI_SAMPLE)), 20_000_000)
+        model = train_tokenizer([group], directory / "tok", TrainerSettings(vocab_size=args.vocab_size),
+                                ReaderOptions(), seed=0)
+        rows, profile = [], {}
+        for source in make_inputs(directory, args.repeat):
+            rows.append({
+                "name": source.name, "chars": source.chars,
+                "one": time_preprocess(source, model, 1, directory, args.runs),
+                "two": time_preprocess(source, model, 2, directory, args.runs),
+                "read_cpu": statistics.median(time_reading_only(source) for _ in range(args.runs)),
+                "tokenizer_cpu": statistics.median(time_tokenizer_only(source, model) for _ in range(args.runs)),
+            })
+            profile[source.name], top = profile_one_worker(source, model, directory)
+            print(f"{source.name}: top functions by own time\n{top}", file=sys.stderr)
+    section = markdown(rows, profile, args.vocab_size, cpu_name())
+    print(section)
+    if args.write_docs:
+        replace_section(REPO / "docs" / "perf.md", section)
+
+
+if __name__ == "__main__":
+    main()
