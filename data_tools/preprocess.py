@@ -35,7 +35,15 @@ from data_tools.readers import ReaderOptions, read_raw_batches
 from data_tools.records import FILTERED, PROBLEM_REASONS
 from data_tools.shard_parts import PartStats, PartStore, file_sha256
 from data_tools.sources import Shard, expand_inputs
-from data_tools.tokenize_worker import BatchResult, BatchTask, ShardEnd, WorkerSettings, handle, initialize
+from data_tools.tokenize_worker import (
+    BatchResult,
+    BatchTask,
+    ShardEnd,
+    WorkerSettings,
+    handle,
+    initialize,
+    initialize_pool_worker,
+)
 from data_tools.tokenizer import add_reader_arguments, load_tokenizer, reader_options_from_args
 from data_tools.units import format_count
 
@@ -130,7 +138,7 @@ def _mapper(config: PreprocessConfig, settings: WorkerSettings) -> Iterator[Call
         yield map
         return
     context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-    pool = context.Pool(config.workers, initializer=initialize, initargs=(settings,))
+    pool = context.Pool(config.workers, initializer=initialize_pool_worker, initargs=(settings,))
     try:
         yield lambda function, tasks: pool.imap(function, tasks, chunksize=1)
         pool.close()
@@ -341,6 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MalformedRecordError, CorruptShardError) as error:
         print(f"hgrn2-preprocess: stopped: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"hgrn2-preprocess: interrupted; finished input files are kept in {args.output_prefix}.parts/, "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
     except (DataToolsError, ValueError) as error:
         print(f"hgrn2-preprocess: error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ shard, and (for a damaged file) the error that stopped its reading.
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -59,6 +60,12 @@ def initialize(settings: WorkerSettings) -> None:
     global _processor, _settings
     _processor = spm.SentencePieceProcessor(model_file=settings.model_path)
     _settings = settings
+
+
+def initialize_pool_worker(settings: WorkerSettings) -> None:
+    """Pool initializer: Ctrl-C is the main process's to handle (it stops the pool cleanly)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    initialize(settings)
 
 
 def _tokenize(texts: list[str], settings: WorkerSettings) -> tuple[np.ndarray, np.ndarray]:

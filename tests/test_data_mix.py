@@ -222,3 +222,23 @@ def test_cli_builds_the_yaml_spec_and_reports_shares(datasets, tmp_path, capsys)
     rows = re.findall(r"^  (\w+) +weight +([\d.]+)% +realised +([\d.]+)% +epochs +([\d.]+)", report, re.M)
     assert [name for name, *_ in rows] == ["pile", "c4", "wiki"] * 2
     assert all(abs(float(weight) - float(share)) < 1.0 for _, weight, share, _ in rows)
+
+
+def test_prepare_chains_tokenizer_preprocess_and_mix(tmp_path, capsys):
+    from data_tools.prepare import prepare
+
+    raw = {
+        "pile": write_pile(tmp_path / "p.jsonl.zst", sample_texts(PILE_SAMPLE, limit=10, max_chars=5000)),
+        "wiki": write_wikipedia(tmp_path / "w.parquet", sample_texts(WIKI_SAMPLE, limit=10, max_chars=5000)),
+    }
+    value = {"output_dir": str(tmp_path / "mix"), "seq_length": 64, "target_tokens": "50k", "valid_fraction": 0.1,
+             "sources": [{"name": n, "path": str(tmp_path / f"tok_{n}"), "weight": 1, "raw": [str(p)]}
+                         for n, p in raw.items()]}
+    output = prepare(value, tmp_path / "tokenizer", vocab_size=600, sample_chars=100_000, workers=1, progress=False)
+    train = load_mix(output, "train")
+    assert (len(train), train.vocab_size) == (-(-50_000 // 64), 600)
+    assert (tmp_path / "tokenizer.hf" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    prepare(value, tmp_path / "tokenizer", vocab_size=600, workers=1, progress=False)
+    printed = capsys.readouterr().out
+    assert "trained" not in printed and "up to date" in printed

@@ -130,6 +130,26 @@ def test_killed_run_leaves_no_output_and_the_rerun_matches_an_uninterrupted_run(
         assert Path(f"{out}{suffix}").read_bytes() == Path(f"{reference}{suffix}").read_bytes()
 
 
+def test_ctrl_c_with_worker_processes_stops_cleanly_and_resumes(model, tmp_path):
+    (tmp_path / "in").mkdir()
+    inputs = _many_shards(tmp_path / "in")
+    out = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "data_tools.preprocess", "--input", str(inputs), "--tokenizer", str(model),
+               "--output-prefix", str(out), "--workers", "2", "--no-progress", "--batch-records", "4"]
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stderr=subprocess.PIPE, text=True)
+    parts = Path(f"{out}.parts")
+    deadline = time.time() + 60
+    while not list(parts.glob("*.json")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, error = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted; finished input files are kept" in error
+    assert not Path(f"{out}.bin").exists() and not Path(f"{out}.idx").exists()
+    subprocess.run(command, cwd=REPO, env=environment, capture_output=True, check=True)
+    assert IndexInfo(Path(f"{out}.idx")).sequence_count == 120
+
+
 def test_a_changed_input_is_redone_not_reused(model, tmp_path, capsys):
     write_c4(tmp_path / "a.json.gz", ["first version of the text"])
     args = ("--input", str(tmp_path / "a.json.gz"), "--tokenizer", str(model),
