@@ -4,7 +4,7 @@ profile that splits one worker's time between the tokenizer and our reading/pars
 Inputs: the shipped real-text samples (data_tools/samples), each repeated `--repeat` times into
 one shard so a run lasts seconds. Tokenizer: BPE with byte fallback trained on those samples.
 
-    python benchmarks/preprocess.py [--vocab-size 8000] [--repeat 3] [--runs 3] [--write-docs]
+    python benchmarks/preprocess.py [--vocab-size 8000] [--repeat 3] [--runs 3] [--workers 1 2] [--write-docs]
 
 `--write-docs` replaces the "## Data preprocessing" section of docs/perf.md with the results.
 """
@@ -68,17 +68,18 @@ def make_inputs(directory: Path, repeat: int) -> list[FormatInput]:
     return inputs
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and of its waited-for children (the pool's workers)."""
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time of this process, and of its waited-for children (the pool's workers)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 @dataclass
 class Timing:
     wall: float
     cpu: float
+    main_cpu: float  # of which the main process (reading, decompression, writing)
     tokens: int
     load: float  # 1-minute load average when the run started: other work on the machine
 
@@ -91,11 +92,14 @@ def time_preprocess(source: FormatInput, model: Path, workers: int, out: Path, r
                                   output_prefix=out / f"{source.path.stem}_{workers}_{run}", workers=workers,
                                   progress=False)
         load = os.getloadavg()[0]
-        wall, cpu = time.perf_counter(), cpu_seconds()
+        wall, (main_before, workers_before) = time.perf_counter(), cpu_seconds()
         summary = preprocess(config)
-        timings.append(Timing(time.perf_counter() - wall, cpu_seconds() - cpu, summary.tokens, load))
+        wall = time.perf_counter() - wall
+        main_after, workers_after = cpu_seconds()
+        main_cpu = main_after - main_before
+        timings.append(Timing(wall, main_cpu + workers_after - workers_before, main_cpu, summary.tokens, load))
     return Timing(statistics.median(t.wall for t in timings), statistics.median(t.cpu for t in timings),
-                  timings[0].tokens, max(t.load for t in timings))
+                  statistics.median(t.main_cpu for t in timings), timings[0].tokens, max(t.load for t in timings))
 
 
 def time_reading_only(source: FormatInput) -> float:
@@ -163,25 +167,31 @@ def markdown(rows: list[dict], profile: dict[str, dict[str, float]], vocab_size:
         f"Measured by `python benchmarks/preprocess.py --write-docs` on {cpu} ({os.cpu_count()} cores), "
         f"Python {platform.python_version()}. Inputs: the shipped real-text samples, each format's sample "
         f"repeated into one shard; tokenizer: sentencepiece BPE, vocab {vocab_size}, byte fallback. "
-        "Medians of the runs; EOD tokens included. *CPU* rates divide tokens by the CPU seconds of the "
-        "whole command (main process and workers), so they hold when other jobs share the machine; "
-        "*wall* rates are what you wait for, and only mean something on an idle machine (the load "
-        "average during the runs is given).",
+        "Medians of the runs; EOD tokens included. *Per CPU-s* rates divide tokens by the CPU seconds of "
+        "the whole command (main process and workers), so they hold when other jobs share the machine; "
+        "*wall* rates are what you wait for and only mean something on an idle machine (the 1-minute "
+        "load average during the runs is given; 2.0 = both cores busy with other work).",
         "",
-        "| format | text MB | tokens | tokenizer alone: tokens per CPU-s | 1 worker: tokens per CPU-s "
-        "| 2 workers: tokens per CPU-s (per worker) | 1 worker: tokens/s wall | 2 workers: tokens/s wall "
-        "| speed-up 1→2 (wall) | load avg | read+parse only: MB per CPU-s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| format | text MB | tokens | workers | tokens/s (wall) | tokens/s per worker (wall) | speed-up vs 1 "
+        "| tokens per CPU-s | main process share of CPU | load avg |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
-        one, two = row["one"], row["two"]
-        lines.append(
-            f"| {row['name']} | {row['chars'] / 1e6:.1f} | {one.tokens / 1e6:.2f}M "
-            f"| {one.tokens / row['tokenizer_cpu'] / 1e6:.2f}M | {one.tokens / one.cpu / 1e6:.2f}M "
-            f"| {two.tokens / two.cpu / 1e6:.2f}M | {one.tokens / one.wall / 1e6:.2f}M "
-            f"| {two.tokens / two.wall / 1e6:.2f}M | {one.wall / two.wall:.2f}× | {max(one.load, two.load):.1f} "
-            f"| {row['chars'] / row['read_cpu'] / 1e6:.0f} |"
-        )
+        base = row["timings"][0]
+        for workers, timing in zip(row["workers"], row["timings"], strict=True):
+            lines.append(
+                f"| {row['name']} | {row['chars'] / 1e6:.1f} | {timing.tokens / 1e6:.2f}M | {workers} "
+                f"| {timing.tokens / timing.wall / 1e6:.2f}M | {timing.tokens / timing.wall / workers / 1e6:.2f}M "
+                f"| {base.wall / timing.wall:.2f}× | {timing.tokens / timing.cpu / 1e6:.2f}M "
+                f"| {timing.main_cpu / timing.cpu:.0%} | {timing.load:.1f} |"
+            )
+    lines += ["", "The same inputs without the pipeline: sentencepiece alone (one thread, batches of 256 "
+              "documents) and our reading + parsing alone (decompression, JSON/Parquet decoding, checks):", "",
+              "| format | sentencepiece alone: tokens per CPU-s | read + parse alone: MB of text per CPU-s |",
+              "| --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['name']} | {row['timings'][0].tokens / row['tokenizer_cpu'] / 1e6:.2f}M "
+                     f"| {row['chars'] / row['read_cpu'] / 1e6:.0f} |")
     lines += ["", "Where one worker's time goes (cProfile, own time per function grouped; `--workers 1`, so "
               "reading, parsing, tokenizing and writing all run in one process):", "",
               "| format | " + " | ".join(CATEGORIES) + " | other |",
@@ -220,6 +230,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts, the first is the base")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hgrn2-bench-") as scratch:
@@ -230,9 +241,8 @@ def main() -> None:
         rows, profile = [], {}
         for source in make_inputs(directory, args.repeat):
             rows.append({
-                "name": source.name, "chars": source.chars,
-                "one": time_preprocess(source, model, 1, directory, args.runs),
-                "two": time_preprocess(source, model, 2, directory, args.runs),
+                "name": source.name, "chars": source.chars, "workers": args.workers,
+                "timings": [time_preprocess(source, model, w, directory, args.runs) for w in args.workers],
                 "read_cpu": statistics.median(time_reading_only(source) for _ in range(args.runs)),
                 "tokenizer_cpu": statistics.median(time_tokenizer_only(source, model) for _ in range(args.runs)),
             })

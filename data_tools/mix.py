@@ -42,7 +42,7 @@ from data_tools.units import format_count
 
 __all__ = ["BlendedSamples", "build_mix", "load_mix", "main"]
 
-MIX_FORMAT = "hgrn2-mix/1"
+MIX_FORMAT = "hgrn2-mix/2"  # bump when the index construction changes: it is part of the cache key
 
 
 def load_mix(output_dir: str | Path, split: str) -> BlendedSamples:
@@ -182,12 +182,27 @@ def _pools(spec: MixSpec, sources: list[Source]) -> tuple[list[np.ndarray], list
     return train, valid
 
 
+def _single_pass_samples(spec: MixSpec, sources: list[Source], pools: list[np.ndarray]) -> int:
+    """The most samples a split can have, at the spec's weights, reading no document twice.
+
+    Validation uses it: repeating the few held-out documents of a small source would only spend
+    evaluation time on text the estimate has already seen."""
+    weights = np.array([source.spec.weight for source in sources])
+    weights = weights / weights.sum()
+    limits = []
+    for source, pool, weight in zip(sources, pools, weights, strict=True):
+        windows = (int(source.lengths[pool].sum()) - 1) // spec.seq_length  # whole samples in one pass
+        limits.append(int((windows - 1) / weight))  # blend_counts may round a source's count up by one
+    return max(1, min(limits))
+
+
 def _write_mix(spec: MixSpec, sources: list[Source], key: str, directory: Path) -> dict[str, Any]:
     _check_one_tokenizer(sources)
     vocab_size, eod_id = _agreed_value(spec, sources, "vocab_size"), _agreed_value(spec, sources, "eod_id")
     train_pools, valid_pools = _pools(spec, sources)
     train_samples = -(-spec.target_tokens // spec.seq_length)
-    valid_samples = -(-round(spec.target_tokens * spec.valid_fraction) // spec.seq_length)
+    requested = -(-round(spec.target_tokens * spec.valid_fraction) // spec.seq_length)
+    valid_samples = min(requested, _single_pass_samples(spec, sources, valid_pools)) if requested else 0
     reports = {"train": _build_split(spec, sources, train_pools, TRAIN_SPLIT, train_samples, directory)}
     if valid_samples:
         reports["valid"] = _build_split(spec, sources, valid_pools, VALID_SPLIT, valid_samples, directory)
@@ -269,7 +284,8 @@ def format_report(meta: dict[str, Any], directory: Path) -> str:
             if name in report["shares"]:
                 lines.append(f"  {name:<16} weight {source['weight'] / total_weight:7.2%}  "
                              f"realised {report['shares'][name]:7.2%}  epochs {report['epochs'][name]:8.3f}  "
-                             f"({format_count(source['tokens'])} tokens in {source['documents']} documents)")
+                             f"(of its {source[f'{split}_documents']} {split} documents; source: "
+                             f"{format_count(source['tokens'])} tokens in {source['documents']} documents)")
     return "\n".join(lines)
 
 

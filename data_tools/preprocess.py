@@ -327,8 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
-    options = reader_options_from_args(args)
-    options = ReaderOptions(**{**asdict(options), "batch_records": args.batch_records})
+    options = reader_options_from_args(args, args.batch_records)
     return PreprocessConfig(
         inputs=tuple(args.input),
         tokenizer=args.tokenizer,

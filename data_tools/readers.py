@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import pyarrow as pa
@@ -52,7 +52,6 @@ class RawBatch:
     records: list[Any]
     first_record: int
     bytes_done: int  # bytes of the (compressed) file consumed so far, for progress and ETA
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _MissingColumn:

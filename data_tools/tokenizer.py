@@ -244,12 +244,13 @@ def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
                         help=".txt files: one document per line (default), paragraph or file")
 
 
-def reader_options_from_args(args: argparse.Namespace) -> ReaderOptions:
+def reader_options_from_args(args: argparse.Namespace, batch_records: int = 256) -> ReaderOptions:
     return ReaderOptions(
         text_field=args.text_field,
         keep_subsets=tuple(args.keep_subsets),
         drop_subsets=tuple(args.drop_subsets),
         txt_sample_by=args.txt_sample_by,
+        batch_records=batch_records,
     )
 
 

@@ -74,7 +74,11 @@ def test_three_formats_blend_to_their_weights(datasets, tmp_path):
     for name, weight in WEIGHTS.items():
         assert abs(meta["splits"]["train"]["shares"][name] - weight) < 0.01
         assert meta["splits"]["train"]["epochs"][name] > 1  # small sources upsampled to reach 1M tokens
-    assert len(load_mix(output, "valid")) == -(-50_000 // 128)
+    valid = load_mix(output, "valid")
+    assert 0 < len(valid) <= -(-50_000 // 128)
+    assert all(epochs <= 1 for epochs in meta["splits"]["valid"]["epochs"].values())  # no document read twice
+    for name, weight in WEIGHTS.items():
+        assert abs(meta["splits"]["valid"]["shares"][name] - weight) < 1.5 / len(valid) + 1e-9
 
 
 def test_the_trainer_interface(datasets, tmp_path):
@@ -221,7 +225,8 @@ def test_cli_builds_the_yaml_spec_and_reports_shares(datasets, tmp_path, capsys)
     report = capsys.readouterr().out
     rows = re.findall(r"^  (\w+) +weight +([\d.]+)% +realised +([\d.]+)% +epochs +([\d.]+)", report, re.M)
     assert [name for name, *_ in rows] == ["pile", "c4", "wiki"] * 2
-    assert all(abs(float(weight) - float(share)) < 1.0 for _, weight, share, _ in rows)
+    assert all(abs(float(weight) - float(share)) < 1.0 for _, weight, share, _ in rows[:3])  # train
+    assert all(float(epochs) <= 1 for *_, epochs in rows[3:])  # valid reads no held-out document twice
 
 
 def test_prepare_chains_tokenizer_preprocess_and_mix(tmp_path, capsys):
