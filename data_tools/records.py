@@ -117,6 +117,14 @@ def _skippable(record: Any, container: Container) -> bool:
     return container is not Container.PARQUET and not record.strip()
 
 
+def _record_unit(shard: Shard, options: ReaderOptions) -> str:
+    if shard.container is Container.PARQUET:
+        return "row"
+    if shard.container is Container.TXT and options.txt_sample_by != "line":
+        return options.txt_sample_by
+    return "line"
+
+
 def parse_batch(batch: RawBatch, shard: Shard, options: ReaderOptions) -> ParsedBatch:
     parsed = ParsedBatch(texts=[])
     for offset, record in enumerate(batch.records):
@@ -127,8 +135,7 @@ def parse_batch(batch: RawBatch, shard: Shard, options: ReaderOptions) -> Parsed
         except RecordProblem as problem:
             parsed.problems[problem.reason] += 1
             if parsed.first_problem is None:
-                unit = "row" if shard.container is Container.PARQUET else "line"
-                where = f"{shard.path}:{unit} {batch.first_record + offset}"
+                where = f"{shard.path}:{_record_unit(shard, options)} {batch.first_record + offset}"
                 parsed.first_problem = f"{where}: {problem.reason}: {problem.detail}"
             continue
         if text is None:

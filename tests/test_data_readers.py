@@ -215,3 +215,11 @@ def test_reading_is_streamed_in_bounded_batches(tmp_path):
     assert [batch.first_record for batch in batches[:3]] == [1, 65, 129]
     assert batches[-1].bytes_done == path.stat().st_size
     assert json.loads(batches[-1].records[-1])["text"].startswith("document number 999")
+
+
+def test_txt_problems_name_the_paragraph_in_paragraph_mode(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_bytes(b"fine\nparagraph\n\nbad \xff\nbyte\n\nlast\n")
+    texts, problems, _, first = parse_all(path, txt_sample_by="paragraph")
+    assert texts == ["fine\nparagraph", "last"] and problems == {"invalid_utf8": 1}
+    assert first.startswith(f"{path}:paragraph 2: invalid_utf8")
