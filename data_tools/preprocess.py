@@ -31,6 +31,7 @@ import numpy as np
 from data_tools.errors import CorruptShardError, DataToolsError, MalformedRecordError
 from data_tools.indexed import IndexedWriter, bin_path, idx_path, merge_parts, token_dtype
 from data_tools.progress import Progress
+from data_tools.reader_args import add_reader_arguments, reader_options_from_args
 from data_tools.readers import ReaderOptions, read_raw_batches
 from data_tools.records import FILTERED, PROBLEM_REASONS
 from data_tools.shard_parts import PartStats, PartStore, file_sha256
@@ -44,7 +45,7 @@ from data_tools.tokenize_worker import (
     initialize,
     initialize_pool_worker,
 )
-from data_tools.tokenizer import add_reader_arguments, load_tokenizer, reader_options_from_args
+from data_tools.tokenizer import load_tokenizer
 from data_tools.units import format_count
 
 META_FORMAT = "hgrn2-preprocess/1"
@@ -314,10 +315,13 @@ def preprocess(config: PreprocessConfig) -> Summary | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hgrn2-preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB")
-    parser.add_argument("--tokenizer", required=True, metavar="PREFIX.model")
-    parser.add_argument("--output-prefix", required=True, type=Path, metavar="OUT")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
+                        help="input files, directories (recursive) or globs; the format comes from the name")
+    parser.add_argument("--tokenizer", required=True, metavar="PREFIX.model", help="from hgrn2-train-tokenizer")
+    parser.add_argument("--output-prefix", required=True, type=Path, metavar="OUT",
+                        help="writes OUT.bin, OUT.idx, OUT.meta.json")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="tokenizer processes (default: all cores)")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed record or damaged file")
     parser.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ after the merge")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -29,6 +29,7 @@ import sentencepiece as spm
 from data_tools.errors import DataToolsError
 from data_tools.hf_tokenizer import write_hf_tokenizer_files
 from data_tools.mix_spec import load_spec
+from data_tools.reader_args import add_reader_arguments, reader_options_from_args
 from data_tools.readers import ReaderOptions
 from data_tools.records import iter_documents
 from data_tools.sources import expand_inputs
@@ -231,27 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     add_reader_arguments(parser)
     return parser
-
-
-def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text-field", default="text", help="JSON key / Parquet column of the text")
-    subsets = parser.add_mutually_exclusive_group()
-    subsets.add_argument("--keep-subsets", nargs="+", default=(), metavar="NAME",
-                         help="Pile: keep only records whose meta.pile_set_name is one of these")
-    subsets.add_argument("--drop-subsets", nargs="+", default=(), metavar="NAME",
-                         help="Pile: drop records whose meta.pile_set_name is one of these")
-    parser.add_argument("--txt-sample-by", choices=("line", "paragraph", "document"), default="line",
-                        help=".txt files: one document per line (default), paragraph or file")
-
-
-def reader_options_from_args(args: argparse.Namespace, batch_records: int = 256) -> ReaderOptions:
-    return ReaderOptions(
-        text_field=args.text_field,
-        keep_subsets=tuple(args.keep_subsets),
-        drop_subsets=tuple(args.drop_subsets),
-        txt_sample_by=args.txt_sample_by,
-        batch_records=batch_records,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
