@@ -70,7 +70,7 @@ class Source:
 
 
 def _dataset_prefixes(source: SourceSpec, position: int) -> list[str]:
-    pattern = source.path
+    pattern = source.path.removesuffix(".idx").removesuffix(".bin")  # accept a file name for its prefix
     if Path(pattern).is_dir():
         pattern = os.path.join(pattern, "*")
     if idx_path(pattern).is_file():
