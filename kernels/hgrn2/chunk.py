@@ -33,6 +33,12 @@ from kernels.hgrn2.utils import (
 )
 
 CHUNK = 64
+# A sub-chunk whose log-decay spans less than this (in every key column) takes the factored diagonal:
+# k exp(-cum) <= e^60 |k| cannot overflow, and every product stays accurate term by term.
+FACTOR_SPAN = tl.constexpr(60.0)
+# Launch settings (warps, software-pipelining stages); the benchmark tries variants through this dict.
+CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4, "gate_warps": 4,
+          "block_v": None}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,6 +73,13 @@ def _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H: tl.constexpr, K: t
 
 
 @triton.jit
+def _suffix(log_f):
+    """sum_{u > t} log f_u down the rows, as a reverse cumulative sum: near the end of the tile (where the
+    decays matter) it sums few terms, where ``total - cumsum`` would subtract two large, rounded numbers."""
+    return tl.cumsum(log_f, 0, reverse=True) - log_f
+
+
+@triton.jit
 def _seq_bounds(cu_ptr, seq):
     return tl.load(cu_ptr + seq).to(tl.int64), tl.load(cu_ptr + seq + 1).to(tl.int64)
 
@@ -96,27 +109,32 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, cu_ptr, blocks_ptr, scale,
     a_rows = a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT
     row_ok = ((t0 + rows) < eos)[:, None]
 
-    log_f, _ = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
-    q_dec = (_load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale * tl.exp(tl.cumsum(log_f, 0))).to(DOT)
+    log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
+    cum = tl.cumsum(log_f, 0)
+    q_dec = (_load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale * tl.exp(cum)).to(DOT)
     # Earlier sub-chunk j: factor through the boundary before this one. k_s is decayed from s to that boundary
     # (its own suffix plus the totals of the sub-chunks in between, carried in `between`).
     between = tl.zeros([K], tl.float32)
     for d in range(1, pos + 1):
         log_f_j, k_j = _load_gates(x_ptr, beta_ptr, t0 - d * BC, eos, i_h, rows, cols, H, K, HAS_BETA)
-        total_j = tl.sum(log_f_j, 0)
-        suffix_j = total_j[None, :] - tl.cumsum(log_f_j, 0)
-        k_dec = (k_j * tl.exp(suffix_j + between[None, :])).to(DOT)
+        k_dec = (k_j * tl.exp(_suffix(log_f_j) + between[None, :])).to(DOT)
         a_ij = tl.dot(q_dec, tl.trans(k_dec), input_precision=PREC)
         tl.store(a_rows + (pos - d) * BC + rows[None, :], a_ij, mask=row_ok)
-        between += total_j
-    # The sub-chunk with itself, element-wise, BK key columns at a time to bound the [BC, BC, BK] tile.
-    a_ii = tl.zeros([BC, BC], tl.float32)
-    for kb in tl.static_range(0, K, BK):
-        cols_b = kb + tl.arange(0, BK)
-        log_f_b, k_b = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols_b, H, K, HAS_BETA)
-        q_b = _load_rows(q_ptr, t0, eos, i_h, rows, cols_b, H, K) * scale
-        decay = _diag_decay(tl.cumsum(log_f_b, 0), BC)
-        a_ii += tl.sum(q_b[:, None, :] * k_b[None, :, :] * decay, axis=2)
+        between += tl.sum(log_f_j, 0)
+    # The sub-chunk with itself: factored on the tensor cores when its decays span little, else element-wise
+    # (BK key columns at a time, bounding the [BC, BC, BK] tile).
+    causal = rows[:, None] >= rows[None, :]
+    if tl.min(tl.sum(log_f, 0)) > -FACTOR_SPAN:
+        k_up = (k * tl.exp(-cum)).to(DOT)
+        a_ii = tl.where(causal, tl.dot(q_dec, tl.trans(k_up), input_precision=PREC), 0.0)
+    else:
+        a_ii = tl.zeros([BC, BC], tl.float32)
+        for kb in tl.static_range(0, K, BK):
+            cols_b = kb + tl.arange(0, BK)
+            log_f_b, k_b = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols_b, H, K, HAS_BETA)
+            q_b = _load_rows(q_ptr, t0, eos, i_h, rows, cols_b, H, K) * scale
+            decay = _diag_decay(tl.cumsum(log_f_b, 0), BC)
+            a_ii += tl.sum(q_b[:, None, :] * k_b[None, :, :] * decay, axis=2)
     tl.store(a_rows + pos * BC + rows[None, :], a_ii, mask=row_ok)
 
 
@@ -150,7 +168,7 @@ def _fwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_ptr
         o = tl.dot(a.to(DOT), v, input_precision=PREC)
         o += tl.dot((q * tl.exp(cum)).to(DOT), state.to(DOT), input_precision=PREC)
         _store_rows(o_ptr, o, t0, eos, i_h, rows, cols_v, H, V)
-        k_dec = (k * tl.exp(total[None, :] - cum)).to(DOT)
+        k_dec = (k * tl.exp(_suffix(log_f))).to(DOT)
         state = state * tl.exp(total)[:, None] + tl.dot(tl.trans(k_dec), v, input_precision=PREC)
     if STORE_HT:
         tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + state_offsets, state)
@@ -161,7 +179,7 @@ def _fwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_ptr
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, dht_ptr, dh0_ptr, dq_ptr, dk_ptr,
-                     dv_ptr, cu_ptr, chunk0_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     dv_ptr, dgc_ptr, cu_ptr, chunk0_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BV: tl.constexpr, HAS_BETA: tl.constexpr, HAS_DHT: tl.constexpr,
                      STORE_DH0: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Reverse walk with the state gradient dS [K, BV] in registers.
@@ -186,13 +204,14 @@ def _bwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, dht_p
         log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols_k, H, K, HAS_BETA)
         cum = tl.cumsum(log_f, 0)
         total = tl.sum(log_f, 0)
-        decay_q, decay_k = tl.exp(cum), tl.exp(total[None, :] - cum)
+        decay_q, decay_k = tl.exp(cum), tl.exp(_suffix(log_f))
         q = _load_rows(q_ptr, t0, eos, i_h, rows, cols_k, H, K) * scale
         v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
         do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
         a_mask = ((t0 + rows) < eos)[:, None] & causal
         a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
-        h_prev = tl.load(hs_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets).to(DOT)
+        h_prev32 = tl.load(hs_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets)
+        h_prev = h_prev32.to(DOT)
         dstate_dot = dstate.to(DOT)
 
         dv = tl.dot(tl.trans(a.to(DOT)), do, input_precision=PREC)
@@ -210,6 +229,15 @@ def _bwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, dht_p
             tl.store(dk_ptr + offsets, dk, mask=row_ok)
         dstate = dstate * tl.exp(total)[:, None] + tl.dot(tl.trans((q * decay_q).to(DOT)), do,
                                                            input_precision=PREC)
+        # Gradient of the log-decay accumulated over all later positions, for positions up to the end of the
+        # previous chunk: sum_v S_end * dS_end there (S_end = this chunk's entering state). Exact, and free of
+        # the cancellation a sequence-long sum of q dq - k dk would accumulate.
+        boundary = tl.sum(h_prev32 * dstate, axis=1)
+        boundary_ptrs = dgc_ptr + ((chunk0 + c - 1) * H + i_h) * K + cols_k
+        if ATOMIC:
+            tl.atomic_add(boundary_ptrs, boundary, mask=(cols_k < K) & (c > 0))
+        else:
+            tl.store(boundary_ptrs, boundary, mask=(cols_k < K) & (c > 0))
     if STORE_DH0:
         tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + state_offsets, dstate)
 
@@ -231,7 +259,7 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_
 
     log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
     cum = tl.cumsum(log_f, 0)
-    suffix = tl.sum(log_f, 0)[None, :] - cum
+    suffix = _suffix(log_f)
     q = _load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale
     do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
@@ -241,12 +269,11 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_
     between = tl.zeros([BK], tl.float32)
     for d in range(1, pos + 1):
         log_f_j, k_j = _load_gates(x_ptr, beta_ptr, t0 - d * BC, eos, i_h, rows, cols, H, K, HAS_BETA)
-        total_j = tl.sum(log_f_j, 0)
-        k_dec = (k_j * tl.exp(total_j[None, :] - tl.cumsum(log_f_j, 0) + between[None, :])).to(DOT)
+        k_dec = (k_j * tl.exp(_suffix(log_f_j) + between[None, :])).to(DOT)
         v_j = _load_rows(v_ptr, t0 - d * BC, eos, i_h, rows, cols_v, H, V).to(DOT)
         d_ij = tl.dot(do, tl.trans(v_j), input_precision=PREC)
         dq += tl.dot(d_ij.to(DOT), k_dec, input_precision=PREC)
-        between += total_j
+        between += tl.sum(log_f_j, 0)
     dq *= tl.exp(cum)
     # dk from later sub-chunks of the chunk (factored through the boundary after this sub-chunk).
     dk = tl.zeros([BC, BK], tl.float32)
@@ -262,10 +289,17 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_
         dk += tl.dot(tl.trans(d_ji.to(DOT)), q_dec, input_precision=PREC)
         between += tl.sum(log_f_j, 0)
     dk *= tl.exp(suffix)
-    # The sub-chunk with itself, element-wise.
-    weight = tl.dot(do, tl.trans(v), input_precision=PREC)[:, :, None] * _diag_decay(cum, BC)
-    dq += tl.sum(weight * k[None, :, :], axis=1)
-    dk += tl.sum(weight * q[:, None, :], axis=0)
+    # The sub-chunk with itself: factored when its decays span little (see the forward), else element-wise.
+    d_ii = tl.dot(do, tl.trans(v), input_precision=PREC)
+    if tl.min(tl.sum(log_f, 0)) > -FACTOR_SPAN:
+        d_causal = tl.where(rows[:, None] >= rows[None, :], d_ii, 0.0).to(DOT)
+        q_down, k_up = (q * tl.exp(cum)).to(DOT), (k * tl.exp(-cum)).to(DOT)
+        dq += tl.exp(cum) * tl.dot(d_causal, k_up, input_precision=PREC)
+        dk += tl.exp(-cum) * tl.dot(tl.trans(d_causal), q_down, input_precision=PREC)
+    else:
+        weight = d_ii[:, :, None] * _diag_decay(cum, BC)
+        dq += tl.sum(weight * k[None, :, :], axis=1)
+        dk += tl.sum(weight * q[:, None, :], axis=0)
     # Add the inter-chunk parts from the backward scan.
     dq += _load_rows(dq_ptr, t0, eos, i_h, rows, cols, H, K)
     dk += _load_rows(dk_ptr, t0, eos, i_h, rows, cols, H, K)
@@ -285,28 +319,31 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_
 
 
 @triton.jit
-def _gate_bwd_kernel(x_ptr, beta_ptr, dg_ptr, dx_ptr, dx_out_ptr, dgt_ptr, dbeta_ptr, cu_ptr,
-                     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+def _gate_bwd_kernel(x_ptr, beta_ptr, dg_ptr, dx_ptr, dx_out_ptr, dgt_ptr, dgc_ptr, dbeta_ptr, cu_ptr,
+                     chunk0_ptr, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr):
-    """Reverse cumulative sum of the log-decay gradient over the sequence, then through log f's Jacobian."""
+    """Log-decay gradient: reverse cumulative sum inside each chunk plus the chunk-boundary term from the
+    backward scan; then through log f's Jacobian to f_logit and beta."""
     i_kb, i_nh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_ptr, seq)
     rows, cols = tl.arange(0, BT), i_kb * BK + tl.arange(0, BK)
-    carry = tl.zeros([BK], tl.float32)
+    chunk0 = tl.load(chunk0_ptr + seq).to(tl.int64)
+    last_carry = tl.zeros([BK], tl.float32)
     if HAS_DGT:  # the final state's gradient acts on the last position's cumulative decay
-        carry += tl.load(dgt_ptr + i_nh.to(tl.int64) * K + cols)
+        last_carry += tl.load(dgt_ptr + i_nh.to(tl.int64) * K + cols)
     beta = 0.0
     if HAS_BETA:
         beta = tl.load(beta_ptr + i_h * K + cols).to(tl.float32)[None, :]
     dbeta = tl.zeros([BK], tl.float32)
     n_chunks = tl.cdiv(eos - bos, BT)
-    for c_rev in range(n_chunks):
-        t0 = bos + (n_chunks - 1 - c_rev) * BT
+    for c in range(n_chunks):
+        t0 = bos + c * BT
+        not_last = c < n_chunks - 1
+        carry = tl.load(dgc_ptr + ((chunk0 + c) * H + i_h) * K + cols, mask=(cols < K) & not_last, other=0.0)
+        carry = tl.where(not_last, carry, last_carry)
         dg = _load_rows(dg_ptr, t0, eos, i_h, rows, cols, H, K)
-        total = tl.sum(dg, 0)
-        grad_log_f = carry[None, :] + total[None, :] - tl.cumsum(dg, 0) + dg
-        carry += total
+        grad_log_f = carry[None, :] + tl.cumsum(dg, 0, reverse=True)
         x = _load_rows(x_ptr, t0, eos, i_h, rows, cols, H, K)
         dlogf_dx, dlogf_dbeta, _, _ = gate_jacobians(x, beta, HAS_BETA)
         dx = _load_rows(dx_ptr, t0, eos, i_h, rows, cols, H, K) + grad_log_f * dlogf_dx
@@ -334,7 +371,14 @@ def _dot_config(dtype: torch.dtype):
 
 def _value_block(value_dim: int) -> int:
     """At most two value blocks, so the atomic sums of the backward scan stay exact and deterministic."""
+    if CONFIG["block_v"]:
+        return min(CONFIG["block_v"], value_dim)
     return max(16, value_dim // 2) if value_dim >= 64 else value_dim
+
+
+def _scan_launch(key_dim: int, block_v: int) -> dict:
+    big = key_dim * block_v >= 64 * 64
+    return {"num_warps": CONFIG["scan_warps"] if big else 4, "num_stages": CONFIG["scan_stages"]}
 
 
 def _key_block(key_dim: int) -> int:
@@ -359,7 +403,8 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     a = empty((tokens, heads, CHUNK), torch.float32, q.device)
     _intra_fwd_kernel[(seqs.num_blocks, heads)](
         q, f_logit, beta_arg, a, seqs.cu_seqlens, seqs.blocks, scale, H=heads, K=key_dim, BT=CHUNK,
-        BC=SUB_CHUNK, BK=_key_block(key_dim), HAS_BETA=has_beta, DOT=dot, PREC=prec, num_warps=4,
+        BC=SUB_CHUNK, BK=_key_block(key_dim), HAS_BETA=has_beta, DOT=dot, PREC=prec,
+        num_warps=CONFIG["intra_fwd_warps"],
     )
     o = empty(i.shape, i.dtype, i.device)
     final = empty((seqs.num_seqs, heads, key_dim, value_dim), torch.float32, q.device) if output_final_state else None
@@ -370,7 +415,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
         final if final is not None else q, states if states is not None else q, seqs.cu_seqlens,
         seqs.chunk_offsets, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v, HAS_BETA=has_beta,
         HAS_H0=initial_state is not None, STORE_HT=final is not None, STORE_HS=keep_states, DOT=dot, PREC=prec,
-        num_warps=8 if key_dim * block_v >= 64 * 64 else 4,
+        **_scan_launch(key_dim, block_v),
     )
     return o, final, a, states
 
@@ -388,13 +433,16 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, a, states, do, d
     if num_v > 1:  # accumulated atomically
         dq_inter.zero_()
         dk_inter.zero_()
+    dgc = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
+    if num_v > 1:
+        dgc.zero_()
     di = empty(i.shape, i.dtype, i.device)
     dh0 = empty(initial_state.shape, torch.float32, q.device) if initial_state is not None else None
     _bwd_scan_kernel[(num_v, seqs.num_seqs * heads)](
         q, f_logit, beta_arg, i, a, do, states, dht if dht is not None else q, dh0 if dh0 is not None else q,
-        dq_inter, dk_inter, di, seqs.cu_seqlens, seqs.chunk_offsets, scale, H=heads, K=key_dim, V=value_dim,
+        dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunk_offsets, scale, H=heads, K=key_dim, V=value_dim,
         BT=CHUNK, BV=block_v, HAS_BETA=has_beta, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        ATOMIC=num_v > 1, DOT=dot, PREC=prec, num_warps=8 if key_dim * block_v >= 64 * 64 else 4,
+        ATOMIC=num_v > 1, DOT=dot, PREC=prec, **_scan_launch(key_dim, block_v),
     )
     block_k = _key_block(key_dim)
     num_k = triton.cdiv(key_dim, block_k)
@@ -405,14 +453,15 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, a, states, do, d
     _intra_bwd_kernel[(seqs.num_blocks, num_k, heads)](
         q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dq, dg, dx_local, dbeta_local, seqs.cu_seqlens,
         seqs.blocks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK, BK=block_k,
-        HAS_BETA=has_beta, DOT=dot, PREC=prec, num_warps=4,
+        HAS_BETA=has_beta, DOT=dot, PREC=prec, num_warps=CONFIG["intra_bwd_warps"],
     )
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
     dgt = (dht * final).sum(-1) if dht is not None else None
     dbeta_seq = empty((seqs.num_seqs, heads, key_dim), torch.float32, q.device)
     _gate_bwd_kernel[(num_k, seqs.num_seqs * heads)](
-        f_logit, beta_arg, dg, dx_local, dx, dgt if dgt is not None else q, dbeta_seq, seqs.cu_seqlens,
-        H=heads, K=key_dim, BT=CHUNK, BK=block_k, HAS_BETA=has_beta, HAS_DGT=dgt is not None, num_warps=4,
+        f_logit, beta_arg, dg, dx_local, dx, dgt if dgt is not None else q, dgc, dbeta_seq, seqs.cu_seqlens,
+        seqs.chunk_offsets, H=heads, K=key_dim, BT=CHUNK, BK=block_k, HAS_BETA=has_beta, HAS_DGT=dgt is not None,
+        num_warps=CONFIG["gate_warps"],
     )
     dbeta = (dbeta_local.sum(0) + dbeta_seq.sum(0)) if has_beta else None
     return dq, dx, di, dbeta, dh0
