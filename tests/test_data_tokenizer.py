@@ -11,7 +11,16 @@ from data_tools.errors import DataToolsError
 from data_tools.hf_tokenizer import write_hf_tokenizer_files
 from data_tools.readers import ReaderOptions
 from data_tools.testing import C4_SAMPLE, PILE_SAMPLE, WIKI_SAMPLE, sample_texts, train_small_tokenizer
-from data_tools.tokenizer import SampleGroup, TrainerSettings, load_tokenizer, main, sample_group, train_tokenizer
+from data_tools.tokenizer import (
+    SampleGroup,
+    TrainerSettings,
+    _groups_from_args,
+    build_parser,
+    load_tokenizer,
+    main,
+    sample_group,
+    train_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +106,20 @@ def test_cli_rejects_a_vocabulary_too_small_for_byte_fallback(tmp_path, capsys):
 def test_cli_reports_missing_input(tmp_path, capsys):
     assert main(["--input", str(tmp_path / "absent.jsonl"), "--output", str(tmp_path / "t")]) == 2
     assert "input not found" in capsys.readouterr().err
+
+
+def test_cli_trains_from_a_mix_spec_in_proportion_to_the_weights(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "output_dir: x\nseq_length: 8\ntarget_tokens: 100\nsources:\n"
+        f"  - {{name: books, path: a, weight: 3, raw: [{PILE_SAMPLE}]}}\n"
+        f"  - {{name: wiki, path: b, weight: 1, raw: [{WIKI_SAMPLE}]}}\n"
+    )
+    prefix = tmp_path / "tok"
+    assert main(["--mix", str(spec), "--output", str(prefix), "--vocab-size", "600", "--sample-chars", "200k"]) == 0
+    assert f"wrote {prefix}.model (vocab 600)" in capsys.readouterr().out
+    assert load_tokenizer(prefix).vocab_size == 600
+    args = build_parser().parse_args(["--mix", str(spec), "--output", str(prefix)])
+    groups = _groups_from_args(args, 200_000)
+    assert [(g.name, g.inputs, g.chars) for g in groups] == [
+        ("books", (str(PILE_SAMPLE),), 150_000), ("wiki", (str(WIKI_SAMPLE),), 50_000)]
