@@ -204,7 +204,7 @@ def train_tokenizer(
     return model
 
 
-def _groups_from_args(args: argparse.Namespace, budget: int) -> list[SampleGroup]:
+def sample_groups_from_args(args: argparse.Namespace, budget: int) -> list[SampleGroup]:
     if args.input:
         return [SampleGroup("files", tuple(args.input), budget)]
     spec = load_spec(args.mix)
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         budget = parse_count(args.sample_chars, "--sample-chars")
         settings = TrainerSettings(args.vocab_size, args.character_coverage, args.threads)
-        model = train_tokenizer(_groups_from_args(args, budget), args.output, settings,
+        model = train_tokenizer(sample_groups_from_args(args, budget), args.output, settings,
                                 reader_options_from_args(args), args.seed)
     except (DataToolsError, ValueError) as error:
         print(f"hgrn2-train-tokenizer: error: {error}", file=sys.stderr)

@@ -14,11 +14,11 @@ from data_tools.testing import C4_SAMPLE, PILE_SAMPLE, WIKI_SAMPLE, sample_texts
 from data_tools.tokenizer import (
     SampleGroup,
     TrainerSettings,
-    _groups_from_args,
     build_parser,
     load_tokenizer,
     main,
     sample_group,
+    sample_groups_from_args,
     train_tokenizer,
 )
 
@@ -120,6 +120,6 @@ def test_cli_trains_from_a_mix_spec_in_proportion_to_the_weights(tmp_path, capsy
     assert f"wrote {prefix}.model (vocab 600)" in capsys.readouterr().out
     assert load_tokenizer(prefix).vocab_size == 600
     args = build_parser().parse_args(["--mix", str(spec), "--output", str(prefix)])
-    groups = _groups_from_args(args, 200_000)
+    groups = sample_groups_from_args(args, 200_000)
     assert [(g.name, g.inputs, g.chars) for g in groups] == [
         ("books", (str(PILE_SAMPLE),), 150_000), ("wiki", (str(WIKI_SAMPLE),), 50_000)]
