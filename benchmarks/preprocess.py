@@ -25,11 +25,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_tools.indexed import write_index  # noqa: E402
+from data_tools.mix import build_mix, load_mix  # noqa: E402
 from data_tools.preprocess import PreprocessConfig, preprocess  # noqa: E402
 from data_tools.readers import ReaderOptions, read_raw_batches  # noqa: E402
 from data_tools.records import iter_documents, parse_batch  # noqa: E402
@@ -177,7 +180,8 @@ def profile_one_worker(source: FormatInput, model: Path, out: Path) -> tuple[dic
     return shares, top.getvalue()
 
 
-def markdown(rows: list[dict], profile: dict[str, dict[str, float]], vocab_size: int, cpu: str) -> str:
+def markdown(rows: list[dict], profile: dict[str, dict[str, float]], vocab_size: int, cpu: str,
+             mix: dict | None) -> str:
     lines = [
         SECTION,
         "",
@@ -222,6 +226,11 @@ def markdown(rows: list[dict], profile: dict[str, dict[str, float]], vocab_size:
         cells.append(f"{shares.get('other (pipeline, progress, interpreter)', 0.0) / total:.0%}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", conclusions(rows, profile)]
+    if mix:
+        lines += ["", f"Building a paper-scale mix (`hgrn2-build-mix`): 100B tokens, seq_length 2048, three "
+                  f"synthetic sources of {mix['documents'] / 1e6:.0f}M documents in all (real .idx files, sparse "
+                  f".bin files): {mix['samples'] / 1e6:.1f}M training samples in {mix['seconds']:.0f} s, "
+                  f"peak memory {mix['peak_gb']:.1f} GB (one-off, before training)."]
     return "\n".join(lines) + "\n"
 
 
@@ -256,6 +265,32 @@ def span(values: list[float], spec: str) -> str:
     return low if low == high else f"{low}–{high}"
 
 
+MIX_SOURCES = (("pile", 20_000_000, 0.6), ("c4", 30_000_000, 0.3), ("wikipedia", 6_000_000, 0.1))
+
+
+def time_mix_build(directory: Path) -> dict:
+    """Build a 100B-token, seq-2048 mix over three synthetic datasets of real-corpus scale (56M
+    documents of 50-3000 tokens; .idx files real, .bin files sparse) and time it."""
+    rng = np.random.default_rng(0)
+    sources, documents = [], 0
+    for name, count, weight in MIX_SOURCES:
+        lengths = rng.integers(50, 3000, size=count).astype(np.int32)
+        with open(directory / f"{name}.idx", "wb") as stream:
+            write_index(stream, np.uint16, lengths)
+        with open(directory / f"{name}.bin", "wb") as stream:
+            stream.truncate(int(lengths.sum(dtype=np.int64)) * 2)
+        sources.append({"name": name, "path": str(directory / name), "weight": weight})
+        documents += count
+    spec = {"output_dir": str(directory / "mix"), "seq_length": 2048, "target_tokens": "100B", "seed": 1,
+            "valid_fraction": 0.0005, "vocab_size": 32000, "eod_id": 2, "sources": sources}
+    start, peak_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    build_mix(spec, quiet=True)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    samples = len(load_mix(directory / "mix", "train"))
+    return {"documents": documents, "samples": samples, "seconds": seconds, "peak_gb": max(peak, peak_before) / 1e6}
+
+
 def replace_section(document: Path, section: str) -> None:
     text = document.read_text(encoding="utf-8") if document.exists() else "# Performance\n"
     if SECTION not in text:
@@ -283,6 +318,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts, the first is the base")
+    parser.add_argument("--no-mix-build", dest="mix_build", action="store_false",
+                        help="skip timing a 100B-token mix build (about a minute, 5 GB of memory)")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hgrn2-bench-") as scratch:
@@ -301,7 +338,8 @@ def main() -> None:
             })
             profile[source.name], top = profile_one_worker(source, model, directory)
             print(f"{source.name}: top functions by own time\n{top}", file=sys.stderr)
-    section = markdown(rows, profile, args.vocab_size, cpu_name())
+        mix = time_mix_build(directory) if args.mix_build else None
+    section = markdown(rows, profile, args.vocab_size, cpu_name(), mix)
     print(section)
     if args.write_docs:
         replace_section(REPO / "docs" / "perf.md", section)

@@ -72,7 +72,7 @@ class IndexedWriter:
         self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
         with open(self.idx_file, "wb") as stream:
-            _write_index_body(stream, self.dtype, lengths)
+            write_index(stream, self.dtype, lengths)
 
     def abort(self) -> None:
         self._bin.close()
@@ -87,7 +87,8 @@ def _pointers(lengths: np.ndarray, itemsize: int, start: int = 0) -> np.ndarray:
     return pointers + start
 
 
-def _write_index_body(stream, dtype: type, lengths: np.ndarray) -> None:
+def write_index(stream, dtype: type, lengths: np.ndarray) -> None:
+    """A whole `.idx` for documents of `lengths` tokens (one sequence each) into the open `stream`."""
     _write_header(stream, dtype, len(lengths))
     stream.write(lengths.astype(np.int32).tobytes())
     stream.write(_pointers(lengths, np.dtype(dtype).itemsize).tobytes())
