@@ -223,3 +223,12 @@ def test_txt_problems_name_the_paragraph_in_paragraph_mode(tmp_path):
     texts, problems, _, first = parse_all(path, txt_sample_by="paragraph")
     assert texts == ["fine\nparagraph", "last"] and problems == {"invalid_utf8": 1}
     assert first.startswith(f"{path}:paragraph 2: invalid_utf8")
+
+
+def test_concatenated_zstd_frames_and_a_last_line_without_newline(tmp_path):
+    compressor = zstandard.ZstdCompressor()
+    first = compressor.compress(json_line({"text": "frame one"}) + b"\n")
+    second = compressor.compress(json_line({"text": "frame two"}))  # no final newline
+    path = tmp_path / "frames.jsonl.zst"
+    path.write_bytes(first + second)
+    assert documents(path) == ["frame one", "frame two"]
