@@ -12,7 +12,7 @@ Outputs, one per corpus format that data_tools reads:
   c4_sample.json.gz        C4 layout: {"text", "url", "timestamp"}; Python library reference pages.
   wikipedia_sample.parquet Hugging Face wikipedia layout: id, url, title, text (markup stripped).
 
-Usage (needs apt-get and pip, i.e. network access to the Debian and PyPI registries):
+Usage (needs apt-get, after `apt-get update`, and pip: network access to the Debian and PyPI registries):
   python data_tools/samples/make_samples.py [--download-dir /tmp/samples_src] [--out data_tools/samples]
 The outputs are byte-identical across runs given the same source packages.
 """
@@ -27,6 +27,7 @@ import json
 import re
 import struct
 import subprocess
+import sys
 import xml.etree.ElementTree as ElementTree
 import zipfile
 import zlib
@@ -66,7 +67,8 @@ def download_sources(download_dir: Path) -> SampleSources:
         subprocess.run(["dpkg", "-x", str(deb), str(download_dir / package)], check=True)
     if not list(download_dir.glob("gensim-*.whl")):
         subprocess.run(
-            ["pip", "download", "--no-deps", "--only-binary=:all:", GENSIM_WHEEL, "-d", str(download_dir)],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", GENSIM_WHEEL,
+             "-d", str(download_dir)],
             check=True,
         )
     wheel = sorted(download_dir.glob("gensim-*.whl"))[-1]
