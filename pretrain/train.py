@@ -120,6 +120,7 @@ class Trainer:
         self.flops_per_token, self.flops_formula = flops_per_token(self.model_config)
         self.peak, self.peak_note = peak_flops(self.engine.device, cfg.logging.peak_tflops)
         self.last_saved_step = -1
+        self.evaluations: list[dict] = []  # every evaluation of this run, with its step
         self.stop = StopFlag()
 
     # -- start ---------------------------------------------------------------------------------------
@@ -168,6 +169,8 @@ class Trainer:
         self.state.step += 1
         self.state.consumed_samples += self.cfg.batch.global_batch_size
         self.state.tokens_seen += stats.tokens
+        self.report.record("train", self.state.step, {"loss": stats.loss, "grad_norm": stats.grad_norm,
+                                                      "lr": stats.lr, "skipped": stats.skipped})
         if stats.skipped:
             self.state.skipped_steps += 1
             self.state.consecutive_skips += 1
@@ -181,8 +184,6 @@ class Trainer:
                 )
         else:
             self.state.consecutive_skips = 0
-        self.report.record("train", self.state.step, {"loss": stats.loss, "grad_norm": stats.grad_norm,
-                                                      "lr": stats.lr, "skipped": stats.skipped})
         return stats
 
     def evaluate(self) -> dict[str, float]:
@@ -193,6 +194,7 @@ class Trainer:
         loss_sum, tokens = self.engine.reduce_sum([loss_sum, float(tokens)])
         loss = loss_sum / tokens
         result = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens}
+        self.evaluations.append({"step": self.state.step, **result})
         self.report.record("eval", self.state.step, result)
         self.report.scalars(self.state.step, {"eval/loss": loss, "eval/ppl": result["ppl"]})
         self.report.print(f"eval  step {self.state.step}: loss {loss:.4f}, ppl {result['ppl']:.2f} "
@@ -201,6 +203,10 @@ class Trainer:
 
     def save(self) -> None:
         if self.state.step == self.last_saved_step:
+            return
+        if self.state.consecutive_skips:  # mid-streak of non-finite steps: the last good checkpoint stays latest
+            self.report.print(f"not saving at step {self.state.step}: {self.state.consecutive_skips} non-finite "
+                              f"step(s) in a row")
             return
         started = time.perf_counter()
         path = checkpoint.save(self.engine, self.cfg.checkpoint_dir, self.state.to_dict(self.cfg), self.cfg.to_yaml(),
