@@ -297,6 +297,17 @@ class ParallelEngine:
                 return float(step.item() if torch.is_tensor(step) else step)
         return None
 
+    def _relink_optimizer_state(self) -> None:
+        """(Re)build ZeRO-1/2's per-parameter views of the AdamW state.
+
+        DeepSpeed 0.19.8 links them once, right after the first group's first step, so with several
+        parameter groups (ours: decay / no decay) the later groups' views stay empty; relinking fixes it.
+        """
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "_hp_optimizer_states_linked"):
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()
+
     def save(self, directory: Path) -> None:
         from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -305,6 +316,7 @@ class ParallelEngine:
         step = self._optimizer_step_count()
         moments = {}
         if step is not None:
+            self._relink_optimizer_state()
             for key in ("exp_avg", "exp_avg_sq"):
                 gathered = self._gather_full(lambda p, key=key: safe_get_full_optimizer_state(p, key))
                 if gathered is not None:
@@ -338,20 +350,22 @@ class ParallelEngine:
         if missing:
             raise ValueError(f"{optimizer_file} does not match the model's parameters: missing {missing[:5]}")
         step = float(tensors[f"step.{names[0][1]}"])
-        base = self.engine.optimizer.optimizer
-        for group in base.param_groups:
-            for flat in group["params"]:
-                if flat not in base.state or "exp_avg" not in base.state[flat]:
-                    base.state[flat] = {
-                        "step": torch.tensor(step, dtype=torch.float32),
-                        "exp_avg": torch.zeros_like(flat),
-                        "exp_avg_sq": torch.zeros_like(flat),
-                    }
-                else:
-                    base.state[flat]["step"] = torch.tensor(step, dtype=torch.float32)
-        link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-        if link is not None:
-            link()
+        zero_opt = self.engine.optimizer
+        base = zero_opt.optimizer
+        # the fp32 partitions AdamW steps on: ZeRO-1/2 and ZeRO-3 keep them under different names
+        flats = [flat for group in base.param_groups for flat in group["params"]]
+        flats += list(getattr(zero_opt, "single_partition_of_fp32_groups", []) or [])
+        flats += list(getattr(zero_opt, "fp32_partitioned_groups_flat", []) or [])
+        for flat in {id(f): f for f in flats}.values():
+            if flat not in base.state or "exp_avg" not in base.state[flat]:
+                base.state[flat] = {
+                    "step": torch.tensor(step, dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(flat),
+                    "exp_avg_sq": torch.zeros_like(flat),
+                }
+            else:
+                base.state[flat]["step"] = torch.tensor(step, dtype=torch.float32)
+        self._relink_optimizer_state()
         for param, name in names:
             for key in ("exp_avg", "exp_avg_sq"):
                 full = tensors[f"{key}.{name}"]

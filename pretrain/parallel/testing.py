@@ -21,7 +21,7 @@ import torch
 VOCAB = 131  # odd: exercises the vocabulary padding under TP
 
 
-def test_config(steps: int = 20, zero: int = 0, tensor: int = 1, pipeline: int = 1, overrides=(), **model):
+def tiny_config(steps: int = 20, zero: int = 0, tensor: int = 1, pipeline: int = 1, overrides=(), **model):
     from pretrain.config import config_from_dict
 
     tree = {
@@ -87,7 +87,7 @@ def reference(cfg, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     from pretrain.engine import LocalEngine, token_loss_sum
 
     torch.manual_seed(cfg.run.seed)
-    single = test_config(cfg.run.steps)
+    single = tiny_config(cfg.run.steps)
     single.model = cfg.model
     engine = LocalEngine(single, single.model_config())
     perturb(engine.model)
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     parser.add_argument("--pipeline", type=int, default=1)
     parser.add_argument("--zero", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--start", type=int, default=0, help="first step (with --resume)")
+    parser.add_argument("--first-step", type=int, default=0, help="first step (with --resume)")
     parser.add_argument("--resume", default=None, help="checkpoint directory to load first")
     parser.add_argument("--save-at", type=int, default=None, help="save after this many steps into OUT/ckpt")
     parser.add_argument("--tie", action="store_true")
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     from pretrain.parallel.engine import ParallelEngine
 
     torch.set_num_threads(1)
-    cfg = test_config(args.steps, args.zero, args.tensor, args.pipeline, tie_word_embeddings=args.tie)
+    cfg = tiny_config(args.steps, args.zero, args.tensor, args.pipeline, tie_word_embeddings=args.tie)
     torch.manual_seed(cfg.run.seed)
     started = time.time()
     engine = ParallelEngine(cfg, cfg.model_config())
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
     result = {"losses": [], "grad_norms": [], "skipped": [], "world": int(os.environ["WORLD_SIZE"])}
     if args.resume:
         engine.load(Path(args.resume))
-        engine.iteration = args.start
+        engine.iteration = args.first_step
     else:
         # perturb the same way as the reference: on full weights, then reshard via save/load round trip
         from hgrn2.model import HGRN2LM
@@ -150,7 +150,7 @@ def main(argv=None) -> None:
 
         engine.grad_hook = hook
     log(f"ready {time.time() - started:.1f}s")
-    for step in range(args.start, args.steps):
+    for step in range(args.first_step, args.steps):
         stats = engine.train_step(micro_batches(step, cfg, engine.dp_rank, engine.dp_size))
         engine.grad_hook = None
         result["losses"].append(stats.loss)

@@ -1,0 +1,142 @@
+"""Distributed layouts against the single-process model, on the CPU over gloo (several processes).
+
+Each layout trains the tiny test model (d 64, 4 layers, head dim 16, vocab 131, seq 32) for 20 steps with
+``pretrain.parallel.testing`` under torchrun; the first step's loss and full gathered gradients must
+equal ``LocalEngine``'s at the same weights and data (fp32, rel. err ≤ 1e-5) and the 20 losses agree to
+≤ 1e-4. Checkpoints saved under one layout resume under another (and in ``LocalEngine``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("megatron.core")
+
+from pretrain.parallel.testing import reference, tiny_config  # noqa: E402
+
+STEPS = 20
+SAVE_AT = 10
+ROOT = Path(__file__).resolve().parents[1]
+
+# name: (processes, worker arguments)
+LAYOUTS = {
+    "tp2": (2, ["--tensor", "2", "--zero", "1"]),
+    "pp2": (2, ["--pipeline", "2", "--zero", "1"]),
+    "dp2-zero1": (2, ["--zero", "1"]),
+    "dp2-zero2": (2, ["--zero", "2"]),
+    "dp2-zero3": (2, ["--zero", "3"]),
+    "tp2xdp2-zero2": (4, ["--tensor", "2", "--zero", "2"]),
+    "pp2xdp2-zero1": (4, ["--pipeline", "2", "--zero", "1"]),
+}
+
+
+def run_workers(nproc: int, args: list[str], out: Path, timeout: float = 300) -> dict:
+    """torchrun (standalone: a free port) ``nproc`` workers; returns rank 0's result.json."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("HGRN2_TEST_OVERRIDES", None)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        "-m", "pretrain.parallel.testing", "--out", str(out), *args,
+    ]
+    try:
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        tail = (error.stdout or b"")[-4000:] if isinstance(error.stdout, bytes) else (error.stdout or "")[-4000:]
+        pytest.fail(f"workers timed out after {timeout}s: {' '.join(command)}\n{tail}")
+    if proc.returncode != 0 or not (out / "result.json").is_file():
+        log = (proc.stdout + proc.stderr)[-6000:]
+        pytest.fail(f"workers failed (exit {proc.returncode}): {' '.join(command)}\n{log}")
+    return json.loads((out / "result.json").read_text())
+
+
+def rel(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="module")
+def single():
+    """Single-process losses of 20 steps and the first step's gradients."""
+    cfg = tiny_config(STEPS)
+    losses, grads = reference(cfg, STEPS)
+    return {"losses": losses, "grads": grads}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Results of the layouts run so far (reused by the resume tests)."""
+    return {"root": tmp_path_factory.mktemp("parallel")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, single, runs):
+    from safetensors.torch import load_file
+
+    nproc, args = LAYOUTS[name]
+    out = runs["root"] / name
+    result = run_workers(nproc, [*args, "--steps", str(STEPS), "--save-at", str(SAVE_AT)], out)
+    runs[name] = out
+    assert result["world"] == nproc
+    grads = load_file(str(out / "grads.safetensors"))
+    assert set(grads) == set(single["grads"]), "gathered gradients must use the single-process names"
+    grad_errors = {n: rel(grads[n], g) for n, g in single["grads"].items()}
+    worst = max(grad_errors, key=grad_errors.get)
+    first = abs(result["losses"][0] - single["losses"][0]) / abs(single["losses"][0])
+    losses = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], single["losses"], strict=True))
+    print(f"{name}: first-step loss rel {first:.2e}, max grad rel {grad_errors[worst]:.2e} ({worst}), "
+          f"20-step max loss rel {losses:.2e}, {result['seconds']:.1f}s")
+    assert first <= 1e-5
+    assert grad_errors[worst] <= 1e-5, f"{worst}: {grad_errors[worst]:.3e}"
+    assert losses <= 1e-4, (result["losses"], single["losses"])
+    assert not any(result["skipped"])
+    assert single["losses"][-1] < single["losses"][0] - 0.5, "the test model should learn"
+
+
+def _resume(source: str, target: str, single, runs):
+    if source not in runs:
+        pytest.skip(f"layout {source} did not run in this session")
+    nproc, args = LAYOUTS[target]
+    out = runs["root"] / f"{source}-to-{target}"
+    ckpt = runs[source] / "ckpt"
+    result = run_workers(
+        nproc, [*args, "--steps", str(STEPS), "--first-step", str(SAVE_AT), "--resume", str(ckpt)], out
+    )
+    worst = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], single["losses"][SAVE_AT:], strict=True))
+    print(f"{source} -> {target}: steps {SAVE_AT}..{STEPS - 1} max loss rel {worst:.2e}")
+    assert worst <= 1e-4
+
+
+@pytest.mark.slow
+def test_resume_tp_zero2_checkpoint_under_pipeline(single, runs):
+    _resume("tp2xdp2-zero2", "pp2xdp2-zero1", single, runs)
+
+
+@pytest.mark.slow
+def test_resume_pipeline_checkpoint_under_zero3(single, runs):
+    _resume("pp2xdp2-zero1", "dp2-zero3", single, runs)
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_resumes_in_single_process(single, runs):
+    """The gathered files are the single-process format: LocalEngine continues the same trajectory."""
+    from pretrain.engine import LocalEngine
+    from pretrain.parallel.testing import micro_batches
+
+    if "dp2-zero3" not in runs:
+        pytest.skip("layout dp2-zero3 did not run in this session")
+    cfg = tiny_config(STEPS)
+    engine = LocalEngine(cfg, cfg.model_config())
+    engine.load(runs["dp2-zero3"] / "ckpt")
+    engine.iteration = SAVE_AT
+    losses = [engine.train_step(micro_batches(step, cfg, 0, 1)).loss for step in range(SAVE_AT, STEPS)]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, single["losses"][SAVE_AT:], strict=True))
+    assert worst <= 1e-4
