@@ -53,6 +53,14 @@ def _load_rows(ptr, t0, eos, i_h, rows, cols, H: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptr, t0, eos, i_h, rows, cols, H: tl.constexpr, D: tl.constexpr):
+    """Like _load_rows, in the tensor's own dtype (operands that go straight into tl.dot)."""
+    t = t0 + rows
+    mask = (t < eos)[:, None] & (cols < D)[None, :]
+    return tl.load(ptr + (t * H + i_h)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _store_rows(ptr, value, t0, eos, i_h, rows, cols, H: tl.constexpr, D: tl.constexpr):
     t = t0 + rows
     mask = (t < eos)[:, None] & (cols < D)[None, :]
@@ -96,14 +104,17 @@ def _diag_decay(cum, BC: tl.constexpr):
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, cu_ptr, blocks_ptr, scale,
-                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """Row block [BC, BT] of A for one sub-chunk: pairs with earlier sub-chunks of its chunk, then itself."""
+def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, blocks_ptr, chunk0_ptr,
+                      scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                      BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One sub-chunk: its row block [BC, BT] of A (pairs with earlier sub-chunks of its chunk, then itself),
+    and the scan's operands q^ exp(cum) and k exp(cum_last - cum) (decays relative to its chunk), plus the
+    chunk's total log-decay (written by the chunk's first sub-chunk)."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     seq, blk = tl.load(blocks_ptr + 2 * i_b), tl.load(blocks_ptr + 2 * i_b + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
-    pos = blk % (BT // BC)
+    NC: tl.constexpr = BT // BC
+    pos = blk % NC
     t0 = bos + blk * BC
     rows, cols = tl.arange(0, BC), tl.arange(0, K)
     a_rows = a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT
@@ -111,7 +122,8 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, cu_ptr, blocks_ptr, scale,
 
     log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
     cum = tl.cumsum(log_f, 0)
-    q_dec = (_load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale * tl.exp(cum)).to(DOT)
+    q = _load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale
+    q_dec = (q * tl.exp(cum)).to(DOT)
     # Earlier sub-chunk j: factor through the boundary before this one. k_s is decayed from s to that boundary
     # (its own suffix plus the totals of the sub-chunks in between, carried in `between`).
     between = tl.zeros([K], tl.float32)
@@ -119,7 +131,7 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, cu_ptr, blocks_ptr, scale,
         log_f_j, k_j = _load_gates(x_ptr, beta_ptr, t0 - d * BC, eos, i_h, rows, cols, H, K, HAS_BETA)
         k_dec = (k_j * tl.exp(_suffix(log_f_j) + between[None, :])).to(DOT)
         a_ij = tl.dot(q_dec, tl.trans(k_dec), input_precision=PREC)
-        tl.store(a_rows + (pos - d) * BC + rows[None, :], a_ij, mask=row_ok)
+        tl.store(a_rows + (pos - d) * BC + rows[None, :], a_ij.to(a_ptr.dtype.element_ty), mask=row_ok)
         between += tl.sum(log_f_j, 0)
     # The sub-chunk with itself: factored on the tensor cores when its decays span little, else element-wise
     # (BK key columns at a time, bounding the [BC, BC, BK] tile).
@@ -135,15 +147,28 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, cu_ptr, blocks_ptr, scale,
             q_b = _load_rows(q_ptr, t0, eos, i_h, rows, cols_b, H, K) * scale
             decay = _diag_decay(tl.cumsum(log_f_b, 0), BC)
             a_ii += tl.sum(q_b[:, None, :] * k_b[None, :, :] * decay, axis=2)
-    tl.store(a_rows + pos * BC + rows[None, :], a_ii, mask=row_ok)
+    tl.store(a_rows + pos * BC + rows[None, :], a_ii.to(a_ptr.dtype.element_ty), mask=row_ok)
+    # Decays relative to the chunk: `between` now holds the earlier sub-chunks' total; add the later ones'.
+    later = tl.zeros([K], tl.float32)
+    for j in range(blk + 1, tl.minimum(blk - pos + NC, tl.cdiv(eos - bos, BC))):
+        log_f_j, _ = _load_gates(x_ptr, beta_ptr, bos + j * BC, eos, i_h, rows, cols, H, K, HAS_BETA)
+        later += tl.sum(log_f_j, 0)
+    _store_rows(qd_ptr, q * tl.exp(cum + between[None, :]), t0, eos, i_h, rows, cols, H, K)
+    _store_rows(kd_ptr, k * tl.exp(_suffix(log_f) + later[None, :]), t0, eos, i_h, rows, cols, H, K)
+    chunk = tl.load(chunk0_ptr + seq).to(tl.int64) + blk // NC
+    tl.store(total_ptr + (chunk * H + i_h) * K + cols, tl.sum(log_f, 0) + later, mask=(cols < K) & (pos == 0))
 
 
 @triton.jit
-def _fwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_ptr, hs_ptr, cu_ptr, chunk0_ptr,
-                     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                     BV: tl.constexpr, HAS_BETA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                     STORE_HS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """One (sequence, head, value block): walk the chunks, carrying the [K, BV] state in registers."""
+def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_ptr, hs_ptr, cu_ptr, chunk0_ptr,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, DOT: tl.constexpr,
+                     PREC: tl.constexpr):
+    """One (sequence, head, value block): walk the chunks, carrying the [K, BV] state in registers.
+
+    The gates were applied by the intra kernel (decayed q^ and k, chunk totals), so each step is loads and
+    three products: o = A i + q^_dec S, S = exp(total) S + k_dec^T i.
+    """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_ptr, seq)
@@ -158,17 +183,15 @@ def _fwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_ptr
         t0 = bos + c * BT
         if STORE_HS:  # the state entering each chunk, for the backward pass
             tl.store(hs_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets, state)
-        log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols_k, H, K, HAS_BETA)
-        cum = tl.cumsum(log_f, 0)
-        total = tl.sum(log_f, 0)
-        q = _load_rows(q_ptr, t0, eos, i_h, rows, cols_k, H, K) * scale
-        v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        q_dec = _load_tile(qd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
+        k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
+        v = _load_tile(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
         a_mask = ((t0 + rows) < eos)[:, None] & causal
         a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
+        total = tl.load(total_ptr + ((chunk0 + c) * H + i_h) * K + cols_k)
         o = tl.dot(a.to(DOT), v, input_precision=PREC)
-        o += tl.dot((q * tl.exp(cum)).to(DOT), state.to(DOT), input_precision=PREC)
+        o += tl.dot(q_dec, state.to(DOT), input_precision=PREC)
         _store_rows(o_ptr, o, t0, eos, i_h, rows, cols_v, H, V)
-        k_dec = (k * tl.exp(_suffix(log_f))).to(DOT)
         state = state * tl.exp(total)[:, None] + tl.dot(tl.trans(k_dec), v, input_precision=PREC)
     if STORE_HT:
         tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + state_offsets, state)
@@ -178,14 +201,16 @@ def _fwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_ptr
 # Backward
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, dht_ptr, dh0_ptr, dq_ptr, dk_ptr,
-                     dv_ptr, dgc_ptr, cu_ptr, chunk0_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                     BT: tl.constexpr, BV: tl.constexpr, HAS_BETA: tl.constexpr, HAS_DHT: tl.constexpr,
-                     STORE_DH0: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+def _bwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, dht_ptr, dh0_ptr, dq_ptr, dk_ptr,
+                     dv_ptr, dgc_ptr, cu_ptr, chunk0_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BT: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                     ATOMIC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Reverse walk with the state gradient dS [K, BV] in registers.
 
-    Writes di (complete: the program holds all of K) and the inter-chunk parts of dq^ and dk, partial over
-    this value block (added atomically when two value blocks exist: 0 + a + b is exact in either order).
+    Writes di (complete: the program holds all of K); the inter-chunk parts of dq^ and dk before their decays
+    (do S_prev^T and i dS^T, which the intra backward multiplies by exp(cum) and exp(cum_last - cum)),
+    partial over this value block: added atomically when two value blocks exist (0 + a + b is exact in either
+    order); and the chunk-boundary log-decay gradient sum_v S dS.
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_nh // H, i_nh % H
@@ -201,24 +226,21 @@ def _bwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, dht_p
     for c_rev in range(n_chunks):
         c = n_chunks - 1 - c_rev
         t0 = bos + c * BT
-        log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols_k, H, K, HAS_BETA)
-        cum = tl.cumsum(log_f, 0)
-        total = tl.sum(log_f, 0)
-        decay_q, decay_k = tl.exp(cum), tl.exp(_suffix(log_f))
-        q = _load_rows(q_ptr, t0, eos, i_h, rows, cols_k, H, K) * scale
-        v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
-        do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        q_dec = _load_tile(qd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
+        k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
+        v = _load_tile(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        do = _load_tile(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
         a_mask = ((t0 + rows) < eos)[:, None] & causal
         a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
+        total = tl.load(total_ptr + ((chunk0 + c) * H + i_h) * K + cols_k)
         h_prev32 = tl.load(hs_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets)
-        h_prev = h_prev32.to(DOT)
         dstate_dot = dstate.to(DOT)
 
         dv = tl.dot(tl.trans(a.to(DOT)), do, input_precision=PREC)
-        dv += tl.dot((k * decay_k).to(DOT), dstate_dot, input_precision=PREC)
+        dv += tl.dot(k_dec, dstate_dot, input_precision=PREC)
         _store_rows(dv_ptr, dv, t0, eos, i_h, rows, cols_v, H, V)
-        dq = decay_q * tl.dot(do, tl.trans(h_prev), input_precision=PREC)
-        dk = decay_k * tl.dot(v, tl.trans(dstate_dot), input_precision=PREC)
+        dq = tl.dot(do, tl.trans(h_prev32.to(DOT)), input_precision=PREC)
+        dk = tl.dot(v, tl.trans(dstate_dot), input_precision=PREC)
         offsets = ((t0 + rows) * H + i_h)[:, None] * K + cols_k[None, :]
         row_ok = ((t0 + rows) < eos)[:, None]
         if ATOMIC:
@@ -227,8 +249,7 @@ def _bwd_scan_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, dht_p
         else:
             tl.store(dq_ptr + offsets, dq, mask=row_ok)
             tl.store(dk_ptr + offsets, dk, mask=row_ok)
-        dstate = dstate * tl.exp(total)[:, None] + tl.dot(tl.trans((q * decay_q).to(DOT)), do,
-                                                           input_precision=PREC)
+        dstate = dstate * tl.exp(total)[:, None] + tl.dot(tl.trans(q_dec), do, input_precision=PREC)
         # Gradient of the log-decay accumulated over all later positions, for positions up to the end of the
         # previous chunk: sum_v S_end * dS_end there (S_end = this chunk's entering state). Exact, and free of
         # the cancellation a sequence-long sum of q dq - k dk would accumulate.
@@ -266,28 +287,28 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_
 
     # dq^ from earlier sub-chunks of the chunk (factored through the boundary before this sub-chunk).
     dq = tl.zeros([BC, BK], tl.float32)
-    between = tl.zeros([BK], tl.float32)
+    prefix = tl.zeros([BK], tl.float32)  # total log-decay of the earlier sub-chunks of the chunk
     for d in range(1, pos + 1):
         log_f_j, k_j = _load_gates(x_ptr, beta_ptr, t0 - d * BC, eos, i_h, rows, cols, H, K, HAS_BETA)
-        k_dec = (k_j * tl.exp(_suffix(log_f_j) + between[None, :])).to(DOT)
+        k_dec = (k_j * tl.exp(_suffix(log_f_j) + prefix[None, :])).to(DOT)
         v_j = _load_rows(v_ptr, t0 - d * BC, eos, i_h, rows, cols_v, H, V).to(DOT)
         d_ij = tl.dot(do, tl.trans(v_j), input_precision=PREC)
         dq += tl.dot(d_ij.to(DOT), k_dec, input_precision=PREC)
-        between += tl.sum(log_f_j, 0)
+        prefix += tl.sum(log_f_j, 0)
     dq *= tl.exp(cum)
     # dk from later sub-chunks of the chunk (factored through the boundary after this sub-chunk).
     dk = tl.zeros([BC, BK], tl.float32)
-    between = tl.zeros([BK], tl.float32)
+    later = tl.zeros([BK], tl.float32)  # total log-decay of the later sub-chunks of the chunk
     end_blk = tl.minimum(blk - pos + NC, tl.cdiv(eos - bos, BC))
     for j in range(blk + 1, end_blk):
         tj = bos + j * BC
         log_f_j, _ = _load_gates(x_ptr, beta_ptr, tj, eos, i_h, rows, cols, H, K, HAS_BETA)
         q_j = _load_rows(q_ptr, tj, eos, i_h, rows, cols, H, K) * scale
-        q_dec = (q_j * tl.exp(tl.cumsum(log_f_j, 0) + between[None, :])).to(DOT)
+        q_dec = (q_j * tl.exp(tl.cumsum(log_f_j, 0) + later[None, :])).to(DOT)
         do_j = _load_rows(do_ptr, tj, eos, i_h, rows, cols_v, H, V).to(DOT)
         d_ji = tl.dot(do_j, tl.trans(v), input_precision=PREC)
         dk += tl.dot(tl.trans(d_ji.to(DOT)), q_dec, input_precision=PREC)
-        between += tl.sum(log_f_j, 0)
+        later += tl.sum(log_f_j, 0)
     dk *= tl.exp(suffix)
     # The sub-chunk with itself: factored when its decays span little (see the forward), else element-wise.
     d_ii = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -300,9 +321,9 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_
         weight = d_ii[:, :, None] * _diag_decay(cum, BC)
         dq += tl.sum(weight * k[None, :, :], axis=1)
         dk += tl.sum(weight * q[:, None, :], axis=0)
-    # Add the inter-chunk parts from the backward scan.
-    dq += _load_rows(dq_ptr, t0, eos, i_h, rows, cols, H, K)
-    dk += _load_rows(dk_ptr, t0, eos, i_h, rows, cols, H, K)
+    # Add the inter-chunk parts from the backward scan, decayed to and from the chunk's boundaries.
+    dq += tl.exp(cum + prefix[None, :]) * _load_rows(dq_ptr, t0, eos, i_h, rows, cols, H, K)
+    dk += tl.exp(suffix + later[None, :]) * _load_rows(dk_ptr, t0, eos, i_h, rows, cols, H, K)
     _store_rows(dq_out_ptr, dq * scale, t0, eos, i_h, rows, cols, H, K)
     _store_rows(dg_ptr, q * dq - k * dk, t0, eos, i_h, rows, cols, H, K)
     # Through k = 1 - f directly (the log-decay path waits for the reverse cumulative sum).
@@ -400,9 +421,13 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     dot, prec = _dot_config(q.dtype)
     has_beta = beta is not None
     beta_arg = beta if has_beta else q
-    a = empty((tokens, heads, CHUNK), torch.float32, q.device)
+    a = empty((tokens, heads, CHUNK), q.dtype, q.device)
+    q_dec = empty(q.shape, q.dtype, q.device)
+    k_dec = empty(q.shape, q.dtype, q.device)
+    totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
     _intra_fwd_kernel[(seqs.num_blocks, heads)](
-        q, f_logit, beta_arg, a, seqs.cu_seqlens, seqs.blocks, scale, H=heads, K=key_dim, BT=CHUNK,
+        q, f_logit, beta_arg, a, q_dec, k_dec, totals, seqs.cu_seqlens, seqs.blocks, seqs.chunk_offsets, scale,
+        H=heads, K=key_dim, BT=CHUNK,
         BC=SUB_CHUNK, BK=_key_block(key_dim), HAS_BETA=has_beta, DOT=dot, PREC=prec,
         num_warps=CONFIG["intra_fwd_warps"],
     )
@@ -411,16 +436,17 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     states = empty((seqs.num_chunks, heads, key_dim, value_dim), torch.float32, q.device) if keep_states else None
     block_v = _value_block(value_dim)
     _fwd_scan_kernel[(triton.cdiv(value_dim, block_v), seqs.num_seqs * heads)](
-        q, f_logit, beta_arg, i, a, o, initial_state if initial_state is not None else q,
+        q_dec, k_dec, totals, i, a, o, initial_state if initial_state is not None else q,
         final if final is not None else q, states if states is not None else q, seqs.cu_seqlens,
-        seqs.chunk_offsets, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v, HAS_BETA=has_beta,
+        seqs.chunk_offsets, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v,
         HAS_H0=initial_state is not None, STORE_HT=final is not None, STORE_HS=keep_states, DOT=dot, PREC=prec,
         **_scan_launch(key_dim, block_v),
     )
-    return o, final, a, states
+    return o, final, (a, q_dec, k_dec, totals, states)
 
 
-def _backward(q, f_logit, i, beta, scale, initial_state, final, a, states, do, dht, seqs: Sequences):
+def _backward(q, f_logit, i, beta, scale, initial_state, final, saved, do, dht, seqs: Sequences):
+    a, q_dec, k_dec, totals, states = saved
     tokens, heads, key_dim = _flat(q).shape
     value_dim = i.shape[-1]
     dot, prec = _dot_config(q.dtype)
@@ -439,9 +465,9 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, a, states, do, d
     di = empty(i.shape, i.dtype, i.device)
     dh0 = empty(initial_state.shape, torch.float32, q.device) if initial_state is not None else None
     _bwd_scan_kernel[(num_v, seqs.num_seqs * heads)](
-        q, f_logit, beta_arg, i, a, do, states, dht if dht is not None else q, dh0 if dh0 is not None else q,
-        dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunk_offsets, scale, H=heads, K=key_dim, V=value_dim,
-        BT=CHUNK, BV=block_v, HAS_BETA=has_beta, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        q_dec, k_dec, totals, i, a, do, states, dht if dht is not None else q, dh0 if dh0 is not None else q,
+        dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunk_offsets, H=heads, K=key_dim, V=value_dim,
+        BT=CHUNK, BV=block_v, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
         ATOMIC=num_v > 1, DOT=dot, PREC=prec, **_scan_launch(key_dim, block_v),
     )
     block_k = _key_block(key_dim)
@@ -476,15 +502,15 @@ class ChunkHGRN2Function(torch.autograd.Function):
         keep = any(ctx.needs_input_grad)
         # The backward needs the final state to send the final state's gradient into the gates.
         want_final = output_final_state or keep
-        o, final, a, states = _forward(q, f_logit, i, beta, scale, initial_state, want_final, seqs, keep)
-        ctx.save_for_backward(q, f_logit, i, beta, initial_state, final, a, states)
+        o, final, saved = _forward(q, f_logit, i, beta, scale, initial_state, want_final, seqs, keep)
+        ctx.save_for_backward(q, f_logit, i, beta, initial_state, final, *saved)
         ctx.seqs, ctx.scale, ctx.lower_bound_dtype = seqs, scale, None if lower_bound is None else lower_bound.dtype
         return o, (final if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, f_logit, i, beta, initial_state, final, a, states = ctx.saved_tensors
-        dq, dx, di, dbeta, dh0 = _backward(q, f_logit, i, beta, ctx.scale, initial_state, final, a, states,
+        q, f_logit, i, beta, initial_state, final, *saved = ctx.saved_tensors
+        dq, dx, di, dbeta, dh0 = _backward(q, f_logit, i, beta, ctx.scale, initial_state, final, saved,
                                            do.contiguous(), None if dht is None else dht.contiguous(), ctx.seqs)
         if dbeta is not None:
             dbeta = dbeta.to(ctx.lower_bound_dtype)
