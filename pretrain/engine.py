@@ -132,7 +132,7 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
 def no_weight_decay(name: str, parameter: torch.Tensor) -> bool:
     """Norm weights, biases and the lower bounds Γ are not decayed (Γ is 2-D, so named explicitly)."""
     module = name.rsplit(".", 2)[-2] if name.count(".") else ""
-    return parameter.dim() < 2 or name.endswith(".bias") or name == "lower_bounds" or module.endswith("norm")
+    return parameter.dim() < 2 or name.endswith(".bias") or name.endswith("lower_bounds") or module.endswith("norm")
 
 
 def parameter_groups(named_parameters: Iterator[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:

@@ -120,6 +120,7 @@ class Trainer:
         self.flops_per_token, self.flops_formula = flops_per_token(self.model_config)
         self.peak, self.peak_note = peak_flops(self.engine.device, cfg.logging.peak_tflops)
         self.last_saved_step = -1
+        self.throughput: list[float] = []  # tokens/s of each logging window
         self.evaluations: list[dict] = []  # every evaluation of this run, with its step
         self.stop = StopFlag()
 
@@ -233,6 +234,23 @@ class Trainer:
         line += f" | mem {memory:.2f} GiB | skipped {self.state.skipped_steps} | ETA {eta}"
         self.report.scalars(self.state.step, values)
         self.report.print(line)
+        self.throughput.append(tokens_per_s)
+
+    def summarize(self) -> None:
+        """Steady-state throughput: the median over logging windows, the first (warm-up, compilation) left out."""
+        windows = self.throughput[1:] or self.throughput
+        if not windows:
+            return
+        tokens_per_s = float(np.median(windows))
+        memory, memory_kind = memory_gib(self.engine.device)
+        summary = {"tokens_per_s": tokens_per_s, "memory_gib": memory, "memory_kind": memory_kind,
+                   "flops_per_token": self.flops_per_token, "windows": len(windows)}
+        line = f"throughput: {tokens_per_s:,.0f} tokens/s (median of {len(windows)} windows)"
+        if self.peak is not None:
+            summary["mfu"] = self.flops_per_token * tokens_per_s / self.peak
+            line += f", MFU {100 * summary['mfu']:.1f}%"
+        self.report.record("summary", self.state.step, summary)
+        self.report.print(f"{line}, {memory_kind} {memory:.2f} GiB")
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -260,6 +278,7 @@ class Trainer:
                     final_eval = self.evaluate()
                 if self.due(self.cfg.checkpoint.every):
                     self.save()
+            self.summarize()
             if self.stop.signal_name is not None:
                 self.report.print(f"{self.stop.signal_name} received: saving at step {self.state.step} and exiting")
             elif self.cfg.eval.at_end:
