@@ -126,6 +126,27 @@ class MegatronMPU:
         return self.ps.get_pipeline_model_parallel_group()
 
 
+_cleanup_registered = False
+
+
+def register_exit_cleanup() -> None:
+    """Tear the process group down before interpreter exit (gloo threads at teardown rarely abort)."""
+    global _cleanup_registered
+    if _cleanup_registered:
+        return
+    _cleanup_registered = True
+    import atexit
+
+    def cleanup() -> None:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+    atexit.register(cleanup)
+
+
 def finish_worker(code: int = 0) -> None:
     """Barrier, flush, ``os._exit``: dodges the rare abort at interpreter exit seen with gloo (DESIGN §4)."""
     import sys

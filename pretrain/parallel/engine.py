@@ -77,8 +77,12 @@ class ParallelEngine:
     """TP/PP/DP training engine with DeepSpeed ZeRO; see the module docstring."""
 
     def __init__(self, cfg, model_config: HGRN2Config, layout: ParallelLayout | None = None) -> None:
+        # the caller seeded torch: the model must be initialised as HGRN2LM(model_config) on one process,
+        # whatever the set-up below draws
+        rng = torch.get_rng_state()
         pdist.prepare_environment()
         pdist.init_process_group()
+        pdist.register_exit_cleanup()
         self.layout = layout or layout_from_config(cfg, dist.get_world_size(), model_config)
         pdist.init_model_parallel(self.layout)
         pdist.init_deepspeed_comm()
@@ -109,6 +113,7 @@ class ParallelEngine:
         self._loss_sums: list[torch.Tensor] = []
         self._eval = False
         self.engine = None
+        torch.set_rng_state(rng)
         self._build(HGRN2LM(model_config))
 
     # -----------------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pretrain.config import ConfigError
 
-class LayoutError(ValueError):
-    """A parallel layout that cannot run; the message says what to change."""
+
+class LayoutError(ConfigError):
+    """A parallel layout that cannot run; the message says what to change (the trainer prints it, exit 2)."""
 
 
 @dataclass(frozen=True)
