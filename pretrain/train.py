@@ -84,6 +84,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def expected_dp_size(cfg: TrainConfig) -> int:
+    """Data-parallel size: the processes (WORLD_SIZE) over the tensor × pipeline model-parallel group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model_parallel = cfg.parallel.tensor * cfg.parallel.pipeline
+    if world % model_parallel:
+        raise ConfigError(f"WORLD_SIZE {world} is not a multiple of parallel.tensor × parallel.pipeline "
+                          f"= {model_parallel}")
+    return world // model_parallel
+
+
 def check_tokenizer(cfg: TrainConfig) -> Path | None:
     if cfg.data.tokenizer is None:
         return None
@@ -109,9 +119,12 @@ class Trainer:
         self.resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
         if cfg.run.torch_threads > 0:
             torch.set_num_threads(cfg.run.torch_threads)
+        check_data(cfg, self.data, expected_dp_size(cfg))  # before the engine: no process group, no model yet
         seed_everything(cfg.run.seed)
         self.engine: TrainingEngine = build_engine(cfg, self.model_config)
-        check_data(cfg, self.data, self.engine.dp_size)
+        if self.engine.dp_size != expected_dp_size(cfg):
+            raise ConfigError(f"the engine's data-parallel size {self.engine.dp_size} is not WORLD_SIZE / "
+                              f"(tensor × pipeline) = {expected_dp_size(cfg)}")
         self.train_batches = BatchSource(cfg, self.data.train, self.engine.dp_rank, self.engine.dp_size)
         self.valid_batches = BatchSource(cfg, self.data.valid, self.engine.dp_rank, self.engine.dp_size)
         self.state = TrainerState(config_hash=cfg.hash())
