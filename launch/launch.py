@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--master-addr", default=None, help="address of node 0 (default: MASTER_ADDR or 127.0.0.1)")
     parser.add_argument("--master-port", type=int, default=None, help="port on node 0 (default: MASTER_PORT or 29500)")
     parser.add_argument("--hostfile", default=None, help="deepspeed: hostfile, lines 'host slots=N'")
+    parser.add_argument("--no-ssh", action="store_true",
+                        help="deepspeed: no ssh/pdsh; run this on every node with --node-rank (automatic for one "
+                        "local host)")
     parser.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the master (node rank > 0)")
     parser.add_argument("--cpu", action="store_true", help="run on CPUs over gloo (no GPU check)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved commands and exit")
@@ -264,10 +267,12 @@ def torchrun_command(args: argparse.Namespace, r: dict, node_rank: int) -> list[
 
 
 def deepspeed_command(args: argparse.Namespace, r: dict) -> list[str]:
+    local_only = len(r["hosts"]) == 1 and is_local_address(r["hosts"][0][0])
+    no_ssh = ["--no_ssh", "--node_rank", str(args.node_rank or 0)] if args.no_ssh or local_only else []
     return [
         "deepspeed", "--hostfile", args.hostfile, "--num_nodes", str(r["nodes"]), "--num_gpus", str(r["nproc"]),
-        "--master_addr", r["master_addr"], "--master_port", str(r["master_port"]),
-        "--module", args.entry, "--config", args.config, *args.overrides,
+        "--master_addr", r["master_addr"], "--master_port", str(r["master_port"]), *no_ssh,
+        "--no_local_rank", "--module", args.entry, "--config", args.config, *args.overrides,
     ]
 
 
