@@ -66,16 +66,21 @@ class Reporter:
 
     def __init__(self, output_dir: Path, tensorboard_dir: Path | None, enabled: bool) -> None:
         self.enabled = enabled
+        self.output_dir = output_dir
+        self.tensorboard_dir = tensorboard_dir
         self.writer = None
         self.metrics = None
-        if not enabled:
+
+    def open(self, resumed_step: int) -> None:
+        """Open the files; TensorBoard drops points after ``resumed_step`` left by a run that was killed."""
+        if not self.enabled:
             return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed by close()
-        if tensorboard_dir is not None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = open(self.output_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed by close()
+        if self.tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(tensorboard_dir))
+            self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=resumed_step or None)
 
     def print(self, message: str) -> None:
         if self.enabled:

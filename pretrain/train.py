@@ -71,6 +71,8 @@ class StopFlag:
             self.previous[number] = signal.signal(number, self._handle)
 
     def _handle(self, number: int, frame) -> None:
+        if self.signal_name is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self.signal_name = signal.Signals(number).name
 
     def restore(self) -> None:
@@ -142,7 +144,11 @@ class Trainer:
     def resume(self) -> None:
         if self.resume_from is None:
             return
-        saved = checkpoint.load(self.engine, self.resume_from)
+        try:
+            saved = checkpoint.load(self.engine, self.resume_from)
+        except (ValueError, KeyError, FileNotFoundError) as error:
+            raise ConfigError(f"cannot resume from {self.resume_from} (checkpoint.resume="
+                              f"{self.cfg.checkpoint.resume}): {error}") from None
         for key in ("step", "consumed_samples", "skipped_steps", "consecutive_skips", "tokens_seen"):
             setattr(self.state, key, int(saved[key]))
         self.engine.iteration = self.state.step
@@ -273,6 +279,7 @@ class Trainer:
     def run(self) -> dict:
         """Train to ``run.steps``; returns the final evaluation (empty if none)."""
         self.resume()
+        self.report.open(self.state.step)
         self.describe()
         self.stop.install()
         final_eval: dict = {}
@@ -325,12 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return EXIT_OK
-        trainer = Trainer(cfg)
+        Trainer(cfg).run()
     except (ConfigError, FileNotFoundError) as error:
         print(f"hgrn2-pretrain: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    try:
-        trainer.run()
     except TrainingStopped as error:
         print(f"hgrn2-pretrain: {error}", file=sys.stderr)
         return EXIT_DIVERGED
