@@ -16,6 +16,7 @@ import shutil
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def idx_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.idx")
 
 
-def _write_header(stream, dtype: type, sequence_count: int) -> None:
+def _write_header(stream: BinaryIO, dtype: type, sequence_count: int) -> None:
     stream.write(INDEX_HEADER)
     stream.write(struct.pack("<Q", INDEX_VERSION))
     stream.write(struct.pack("<B", DTYPE_CODES[dtype]))
@@ -87,7 +88,7 @@ def _pointers(lengths: np.ndarray, itemsize: int, start: int = 0) -> np.ndarray:
     return pointers + start
 
 
-def write_index(stream, dtype: type, lengths: np.ndarray) -> None:
+def write_index(stream: BinaryIO, dtype: type, lengths: np.ndarray) -> None:
     """A whole `.idx` for documents of `lengths` tokens (one sequence each) into the open `stream`."""
     _write_header(stream, dtype, len(lengths))
     stream.write(lengths.astype(np.int32).tobytes())
@@ -95,7 +96,7 @@ def write_index(stream, dtype: type, lengths: np.ndarray) -> None:
     _write_document_indices(stream, len(lengths))
 
 
-def _write_document_indices(stream, sequence_count: int, block: int = 1 << 24) -> None:
+def _write_document_indices(stream: BinaryIO, sequence_count: int, block: int = 1 << 24) -> None:
     # One sequence per document: the document indices are 0..S, written in blocks to bound memory.
     for start in range(0, sequence_count + 1, block):
         stream.write(np.arange(start, min(start + block, sequence_count + 1), dtype=np.int64).tobytes())

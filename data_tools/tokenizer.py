@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import sentencepiece as spm
 
@@ -124,7 +125,7 @@ def sample_group(group: SampleGroup, options: ReaderOptions, seed: int) -> list[
     return sorted((-negated, text) for negated, text in heap)
 
 
-def _write_training_lines(samples: Iterable[tuple[int, str]], stream) -> int:
+def _write_training_lines(samples: Iterable[tuple[int, str]], stream: TextIO) -> int:
     # sentencepiece reads one sentence per line; documents are split at their newlines.
     chars = 0
     for _, text in samples:
