@@ -232,3 +232,14 @@ def test_bad_arguments_name_the_problem(model, corpus, tmp_path, capsys, args, m
         arguments += ["--tokenizer", str(model)]
     assert run(*arguments, "--output-prefix", str(tmp_path / "o")) == 2
     assert message in capsys.readouterr().err
+
+
+def test_progress_without_a_terminal_logs_plain_lines(capsys):
+    from data_tools.progress import Progress
+
+    progress = Progress(total_bytes=1000, enabled=True, log_every=0.0)
+    progress.advance(250, documents=10, tokens=5000)
+    progress.close()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("tokenizing:  25.0% of 1.00kB input, ") and "docs/s" in line and "tok/s" in line
+    assert "ETA" in line and "\r" not in line
