@@ -247,3 +247,24 @@ def test_prepare_chains_tokenizer_preprocess_and_mix(tmp_path, capsys):
     prepare(value, tmp_path / "tokenizer", vocab_size=600, workers=1, progress=False)
     printed = capsys.readouterr().out
     assert "trained" not in printed and "up to date" in printed
+
+
+def test_a_source_may_span_several_datasets_by_glob(tmp_path):
+    model = train_small_tokenizer(tmp_path)
+    texts = sample_texts(WIKI_SAMPLE, limit=12, max_chars=3000)
+    for part, chunk in enumerate((texts[:5], texts[5:])):
+        preprocess(write_wikipedia(tmp_path / f"w{part}.parquet", chunk), model, tmp_path / f"wiki_{part}")
+    output = build_mix({"output_dir": str(tmp_path / "mix"), "seq_length": 64, "target_tokens": 30_000,
+                        "sources": [{"name": "wiki", "path": str(tmp_path / "wiki_*"), "weight": 1}]}, quiet=True)
+    meta = json.loads((output / "mix.json").read_text())
+    assert [Path(d["prefix"]).name for d in meta["sources"][0]["datasets"]] == ["wiki_0", "wiki_1"]
+    assert meta["sources"][0]["documents"] == 12
+    doc_order = np.load(output / "train.source0.doc_order.npy")
+    assert set(doc_order.tolist()) == set(range(12))  # documents of both datasets are drawn
+    train = load_mix(output, "train")
+    tokens = [IndexedTokens(tmp_path / f"wiki_{p}") for p in (0, 1)]
+    stream = np.concatenate([(tokens[0] if d < 5 else tokens[1]).document(d if d < 5 else d - 5)
+                             for d in doc_order.tolist()]).astype(np.int64)
+    for idx in range(20):
+        start = int(train.dataset_sample_index[idx]) * 64
+        assert np.array_equal(train[idx], stream[start : start + 65])
