@@ -196,6 +196,16 @@ def _single_pass_samples(spec: MixSpec, sources: list[Source], pools: list[np.nd
     return max(1, min(limits))
 
 
+def _write_empty_split(directory: Path, name: str, source_count: int) -> SplitReport:
+    """A split without samples (valid_fraction 0), so load_mix(dir, name) still opens."""
+    np.save(split_file(directory, name, "dataset_index"), np.zeros(0, np.int16))
+    np.save(split_file(directory, name, "dataset_sample_index"), np.zeros(0, np.int64))
+    for position in range(source_count):
+        for array in ("doc_order", "sample_doc", "sample_offset"):
+            np.save(source_file(directory, name, position, array), np.zeros(0, np.int64))
+    return SplitReport(0, {}, {})
+
+
 def _write_mix(spec: MixSpec, sources: list[Source], key: str, directory: Path) -> dict[str, Any]:
     _check_one_tokenizer(sources)
     vocab_size, eod_id = _agreed_value(spec, sources, "vocab_size"), _agreed_value(spec, sources, "eod_id")
@@ -206,14 +216,8 @@ def _write_mix(spec: MixSpec, sources: list[Source], key: str, directory: Path) 
     reports = {"train": _build_split(spec, sources, train_pools, TRAIN_SPLIT, train_samples, directory)}
     if valid_samples:
         reports["valid"] = _build_split(spec, sources, valid_pools, VALID_SPLIT, valid_samples, directory)
-    else:  # an empty validation split, so load_mix(dir, "valid") still works
-        np.save(split_file(directory, "valid", "dataset_index"), np.zeros(0, np.int16))
-        np.save(split_file(directory, "valid", "dataset_sample_index"), np.zeros(0, np.int64))
-        reports["valid"] = SplitReport(0, {}, {})
-    for position in range(len(sources)):
-        for array in ("doc_order", "sample_doc", "sample_offset"):
-            if not source_file(directory, "valid", position, array).exists():
-                np.save(source_file(directory, "valid", position, array), np.zeros(0, np.int64))
+    else:
+        reports["valid"] = _write_empty_split(directory, "valid", len(sources))
     meta = {
         "format": MIX_FORMAT,
         "cache_key": key,

@@ -268,3 +268,10 @@ def test_a_source_may_span_several_datasets_by_glob(tmp_path):
     for idx in range(20):
         start = int(train.dataset_sample_index[idx]) * 64
         assert np.array_equal(train[idx], stream[start : start + 65])
+
+
+def test_without_a_validation_fraction_the_valid_split_is_empty_but_opens(datasets, tmp_path):
+    output = build_mix(spec(datasets, tmp_path / "mix", valid_fraction=0), quiet=True)
+    assert len(load_mix(output, "valid")) == 0
+    train_docs = np.load(output / "train.source2.doc_order.npy")
+    assert len(set(train_docs.tolist())) == 40  # every document is in training
