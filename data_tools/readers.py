@@ -61,10 +61,15 @@ class _MissingColumn:
 MISSING_COLUMN = _MissingColumn()
 
 
+def _zstd_decoder() -> zstandard.ZstdDecompressionObj:
+    # Files written with `zstd --long` use windows beyond the library's default limit (128 MiB).
+    return zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+
+
 def _zstd_chunks(raw: BinaryIO, shard: Shard) -> Iterator[bytes]:
     # zstandard's stream_reader ends silently on a truncated frame, so drive the decoder by hand
     # and check that the last frame was complete.
-    decoder = zstandard.ZstdDecompressor().decompressobj()
+    decoder = _zstd_decoder()
     pending_frame = False
     while chunk := raw.read(READ_CHUNK_BYTES):
         while chunk:
@@ -77,7 +82,7 @@ def _zstd_chunks(raw: BinaryIO, shard: Shard) -> Iterator[bytes]:
                 yield output
             chunk = decoder.unused_data if decoder.eof else b""
             if decoder.eof:
-                decoder = zstandard.ZstdDecompressor().decompressobj()
+                decoder = _zstd_decoder()
                 pending_frame = bool(chunk)
     if pending_frame:
         raise CorruptShardError(f"{shard.path}: truncated zstd file (the last frame is incomplete)")
