@@ -266,7 +266,8 @@ def kernel_breakdown(shape):
 
 def markdown(results, accuracy_rows, decode_rows, meta):
     lines = [f"Device: {meta['device']}; torch {meta['torch']}, Triton {meta['triton']}, fla {meta['fla']}. "
-             "bf16, medians of `triton.testing.do_bench` (ms). Ratio = other / ours (> 1: ours faster).", "",
+             f"Launch config: {meta.get('config', 'default')}. bf16, medians of `triton.testing.do_bench` (ms). "
+             "Ratio = other / ours (> 1: ours faster).", "",
              "| B, T, H, n | floor fwd / fwd+bwd | ours fwd / fwd+bwd | fla chunk_gla fwd / fwd+bwd (ratio) "
              "| SDPA default fwd / fwd+bwd (ratio) | SDPA flash fwd / fwd+bwd (ratio) |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -330,7 +331,12 @@ def main():
     start = time.time()
     if args.variants:
         sweep = [json.loads(v) for v in args.variants]
-        variants_sweep(shapes[0], sweep)
+        rows = variants_sweep(shapes[0], sweep)
+        if rows:  # time everything below with the fastest variant
+            best = min(rows, key=lambda row: row[2])[0]
+            chunk_module.CONFIG.update(best)
+            meta["config"] = dict(chunk_module.CONFIG)
+            print(f"best variant {best}; config {chunk_module.CONFIG}", flush=True)
     if args.fp32_check:
         for name, errs in fp32_check().items():
             print(f"fp32 check {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
