@@ -98,6 +98,10 @@ def test_kill_9_then_resume_gives_bit_identical_losses(tmp_path, mix_dir):
     assert state["step"] == 2 * n and state["consumed_samples"] == 2 * n * 8
     assert {"model.safetensors", "model_config.json", "optimizer.safetensors", "rng.safetensors",
             "config.yaml"} <= {p.name for p in final.iterdir()}
+    from hgrn2.convert import to_hf
+
+    report = to_hf(tmp_path / "b" / "checkpoints", tmp_path / "hf", verify=False)  # through `latest`
+    assert report["tensors"] == 4 + 2 * 10 and (tmp_path / "hf" / "config.json").is_file()
 
 
 KILL_IN_SAVE = """
