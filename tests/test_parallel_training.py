@@ -26,10 +26,11 @@ STEPS = 20
 SAVE_AT = 10
 ROOT = Path(__file__).resolve().parents[1]
 
-# name: (processes, worker arguments)
+# name: (processes, worker arguments); TP=2 and PP=2 alone run with tied word embeddings (vocabulary-sharded
+# tied weight; embedding and head tied across the first and last stage), the others untied.
 LAYOUTS = {
-    "tp2": (2, ["--tensor", "2", "--zero", "1"]),
-    "pp2": (2, ["--pipeline", "2", "--zero", "1"]),
+    "tp2-tied": (2, ["--tensor", "2", "--zero", "1", "--tie"]),
+    "pp2-tied": (2, ["--pipeline", "2", "--zero", "1", "--tie"]),
     "dp2-zero1": (2, ["--zero", "1"]),
     "dp2-zero2": (2, ["--zero", "2"]),
     "dp2-zero3": (2, ["--zero", "3"]),
@@ -62,12 +63,27 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+class References:
+    """Single-process losses of 20 steps and the first step's gradients, untied and tied (computed once)."""
+
+    def __init__(self) -> None:
+        self.cache = {}
+
+    def get(self, tied: bool = False) -> dict:
+        if tied not in self.cache:
+            losses, grads = reference(tiny_config(STEPS, tie_word_embeddings=tied), STEPS)
+            self.cache[tied] = {"losses": losses, "grads": grads}
+        return self.cache[tied]
+
+
 @pytest.fixture(scope="module")
-def single():
-    """Single-process losses of 20 steps and the first step's gradients."""
-    cfg = tiny_config(STEPS)
-    losses, grads = reference(cfg, STEPS)
-    return {"losses": losses, "grads": grads}
+def references():
+    return References()
+
+
+@pytest.fixture(scope="module")
+def single(references):
+    return references.get(False)
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +94,11 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, single, runs):
+def test_layout_matches_single_process(name, references, runs):
     from safetensors.torch import load_file
 
     nproc, args = LAYOUTS[name]
+    single = references.get("--tie" in args)
     out = runs["root"] / name
     result = run_workers(nproc, [*args, "--steps", str(STEPS), "--save-at", str(SAVE_AT)], out)
     runs[name] = out
@@ -137,6 +154,11 @@ def test_zero3_checkpoint_resumes_in_single_process(single, runs):
     engine = LocalEngine(cfg, cfg.model_config())
     engine.load(runs["dp2-zero3"] / "ckpt")
     engine.iteration = SAVE_AT
-    losses = [engine.train_step(micro_batches(step, cfg, 0, 1)).loss for step in range(SAVE_AT, STEPS)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses = [engine.train_step(micro_batches(step, cfg, 0, 1)).loss for step in range(SAVE_AT, STEPS)]
+    finally:
+        torch.set_num_threads(threads)
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses, single["losses"][SAVE_AT:], strict=True))
     assert worst <= 1e-4
