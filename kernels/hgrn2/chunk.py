@@ -9,10 +9,11 @@ Every exponent above is <= 0, so nothing overflows whatever the gates. A is buil
 pair of different sub-chunks factors exactly through the log-decay at the boundary between them (both
 factors <= 1), a sub-chunk with itself is summed element-wise (exp of differences, also <= 1).
 
-Launches, forward:  intra (A, parallel over sub-chunks) -> scan (sequential over chunks, state in registers).
-Launches, backward: scan (reverse, state gradient in registers: di and the inter-chunk parts of dq, dk)
-                    -> intra (parallel: the intra-chunk parts of dq, dk; dq; local gate gradients)
-                    -> gate scan (reverse cumulative sum of the log-decay gradient: d f_logit, d beta).
+Launches, forward:  intra (gates, A, decayed q/k; parallel over chunks) -> scan (sequential over chunks,
+                    state in registers).
+Launches, backward: scan (reverse, state gradient in registers: di, the inter-chunk parts of dq, dk, and the
+                    chunk-boundary log-decay gradient) -> intra (parallel over chunks: the intra-chunk parts
+                    of dq, dk; dq; the log-decay gradient; d f_logit, d beta).
 """
 
 from __future__ import annotations
@@ -37,15 +38,22 @@ CHUNK = 64
 # k exp(-cum) <= e^60 |k| cannot overflow, and every product stays accurate term by term.
 FACTOR_SPAN = tl.constexpr(60.0)
 # Launch settings (warps, software-pipelining stages); the benchmark tries variants through this dict.
-# *_maxnreg caps registers per thread (None: ptxas decides). 128 on the intra kernels: 4 programs per SM instead
-# of 2, fwd+bwd 7.15 -> 5.99 ms at B8 T2048 H16 n128 on an H100 (docs/kernels.md).
-CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4, "gate_warps": 4,
-          "block_v": None, "intra_fwd_maxnreg": 128, "intra_bwd_maxnreg": 128, "scan_maxnreg": None}
+# *_maxnreg caps registers per thread (None: ptxas decides); picked from ptxas spill reports and GPU sweeps
+# (docs/kernels.md).
+CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 8,
+          "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Tile helpers
 # ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_ptrs(ptr, t0, eos, i_h, rows, cols, H: tl.constexpr, D: tl.constexpr):
+    """Pointers and mask of rows t0 + rows (masked at eos), columns cols of a [tokens, H, D] tensor."""
+    t = t0 + rows
+    return ptr + (t * H + i_h)[:, None] * D + cols[None, :], (t < eos)[:, None] & (cols < D)[None, :]
+
+
 @triton.jit
 def _load_rows(ptr, t0, eos, i_h, rows, cols, H: tl.constexpr, D: tl.constexpr):
     """Rows t0 + rows (masked at eos) and columns cols of a [tokens, H, D] tensor, as fp32."""
@@ -95,70 +103,68 @@ def _seq_bounds(cu_ptr, seq):
 
 
 @triton.jit
-def _diag_decay(cum, BC: tl.constexpr):
-    """exp(cum_t - cum_s) for s <= t inside one sub-chunk, 0 above the diagonal: [BC, BC, cols]."""
-    rows = tl.arange(0, BC)
-    causal = (rows[:, None] >= rows[None, :])[:, :, None]
-    return tl.exp(tl.where(causal, cum[:, None, :] - cum[None, :, :], float("-inf")))
+def _row(tile, rows, j):
+    """Row j of a register tile, as a vector (a masked sum: register tiles cannot be indexed)."""
+    return tl.sum(tl.where((rows == j)[:, None], tile, 0.0), axis=0)
+
+
+@triton.jit
+def _block_start_cum(cum, rows, BC: tl.constexpr, NC: tl.constexpr):
+    """For every row, the cumulative log-decay just before its sub-chunk (0 for the first sub-chunk)."""
+    ref = tl.zeros_like(cum)
+    for m in tl.static_range(1, NC):
+        ref = tl.where((rows // BC == m)[:, None], _row(cum, rows, m * BC - 1)[None, :], ref)
+    return ref
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, blocks_ptr, chunk0_ptr,
-                      scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                      BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """One sub-chunk: its row block [BC, BT] of A (pairs with earlier sub-chunks of its chunk, then itself),
-    and the scan's operands q^ exp(cum) and k exp(cum_last - cum) (decays relative to its chunk), plus the
-    chunk's total log-decay (written by the chunk's first sub-chunk)."""
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
-    seq, blk = tl.load(blocks_ptr + 2 * i_b), tl.load(blocks_ptr + 2 * i_b + 1)
+def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale,
+                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk: A [BT, BT], the scan's operands q^ exp(cum) and k exp(cum_last - cum), and the chunk's total
+    log-decay, BK key columns at a time (the gates of each row computed once).
+
+    A's blocks below the diagonal factor through the boundary before the later sub-chunk m (reference r_m):
+    one masked product per m, every exponent <= 0. Diagonal blocks factor through their own start when the
+    decay spans less than FACTOR_SPAN in this column block, else they are summed one column at a time.
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     NC: tl.constexpr = BT // BC
-    pos = blk % NC
-    t0 = bos + blk * BC
-    rows, cols = tl.arange(0, BC), tl.arange(0, K)
-    a_rows = a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT
-    row_ok = ((t0 + rows) < eos)[:, None]
-
-    log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
-    cum = tl.cumsum(log_f, 0)
-    q = _load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale
-    q_dec = (q * tl.exp(cum)).to(DOT)
-    # Earlier sub-chunk j: factor through the boundary before this one. k_s is decayed from s to that boundary
-    # (its own suffix plus the totals of the sub-chunks in between, carried in `between`).
-    between = tl.zeros([K], tl.float32)
-    for d in range(1, pos + 1):
-        log_f_j, k_j = _load_gates(x_ptr, beta_ptr, t0 - d * BC, eos, i_h, rows, cols, H, K, HAS_BETA)
-        k_dec = (k_j * tl.exp(_suffix(log_f_j) + between[None, :])).to(DOT)
-        a_ij = tl.dot(q_dec, tl.trans(k_dec), input_precision=PREC)
-        tl.store(a_rows + (pos - d) * BC + rows[None, :], a_ij.to(a_ptr.dtype.element_ty), mask=row_ok)
-        between += tl.sum(log_f_j, 0)
-    # The sub-chunk with itself: factored on the tensor cores when its decays span little, else element-wise
-    # (BK key columns at a time, bounding the [BC, BC, BK] tile).
-    causal = rows[:, None] >= rows[None, :]
-    if tl.min(tl.sum(log_f, 0)) > -FACTOR_SPAN:
-        k_up = (k * tl.exp(-cum)).to(DOT)
-        a_ii = tl.where(causal, tl.dot(q_dec, tl.trans(k_up), input_precision=PREC), 0.0)
-    else:
-        a_ii = tl.zeros([BC, BC], tl.float32)
-        for kb in tl.static_range(0, K, BK):
-            cols_b = kb + tl.arange(0, BK)
-            log_f_b, k_b = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols_b, H, K, HAS_BETA)
-            q_b = _load_rows(q_ptr, t0, eos, i_h, rows, cols_b, H, K) * scale
-            decay = _diag_decay(tl.cumsum(log_f_b, 0), BC)
-            a_ii += tl.sum(q_b[:, None, :] * k_b[None, :, :] * decay, axis=2)
-    tl.store(a_rows + pos * BC + rows[None, :], a_ii.to(a_ptr.dtype.element_ty), mask=row_ok)
-    # Decays relative to the chunk: `between` now holds the earlier sub-chunks' total; add the later ones'.
-    later = tl.zeros([K], tl.float32)
-    for j in range(blk + 1, tl.minimum(blk - pos + NC, tl.cdiv(eos - bos, BC))):
-        log_f_j, _ = _load_gates(x_ptr, beta_ptr, bos + j * BC, eos, i_h, rows, cols, H, K, HAS_BETA)
-        later += tl.sum(log_f_j, 0)
-    _store_rows(qd_ptr, q * tl.exp(cum + between[None, :]), t0, eos, i_h, rows, cols, H, K)
-    _store_rows(kd_ptr, k * tl.exp(_suffix(log_f) + later[None, :]), t0, eos, i_h, rows, cols, H, K)
-    chunk = tl.load(chunk0_ptr + seq).to(tl.int64) + blk // NC
-    tl.store(total_ptr + (chunk * H + i_h) * K + cols, tl.sum(log_f, 0) + later, mask=(cols < K) & (pos == 0))
+    t0 = bos + c * BT
+    rows = tl.arange(0, BT)
+    blk = rows // BC
+    lower_diag = (blk[:, None] == blk[None, :]) & (rows[:, None] >= rows[None, :])
+    a = tl.zeros([BT, BT], tl.float32)
+    for kb in tl.static_range(0, K, BK):
+        cols = kb + tl.arange(0, BK)
+        log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
+        cum = tl.cumsum(log_f, 0)
+        q = _load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale
+        _store_rows(qd_ptr, q * tl.exp(cum), t0, eos, i_h, rows, cols, H, K)
+        _store_rows(kd_ptr, k * tl.exp(_suffix(log_f)), t0, eos, i_h, rows, cols, H, K)
+        tl.store(total_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, tl.sum(log_f, 0))
+        for m in tl.static_range(1, NC):
+            r = _row(cum, rows, m * BC - 1)[None, :]
+            q_m = q * tl.exp(tl.where((blk == m)[:, None], cum - r, float("-inf")))
+            k_m = k * tl.exp(tl.where((blk < m)[:, None], r - cum, float("-inf")))
+            a += tl.dot(q_m.to(DOT), tl.trans(k_m.to(DOT)), input_precision=PREC)
+        ref = _block_start_cum(cum, rows, BC, NC)
+        if tl.max(tl.max(ref - cum, axis=1), axis=0) < FACTOR_SPAN:
+            q_d, k_d = (q * tl.exp(cum - ref)).to(DOT), (k * tl.exp(ref - cum)).to(DOT)
+            a += tl.where(lower_diag, tl.dot(q_d, tl.trans(k_d), input_precision=PREC), 0.0)
+        else:  # one column s at a time: exp(cum_t - cum_s) for t >= s in s's sub-chunk
+            for j in range(BT):
+                in_block = ((blk == j // BC) & (rows >= j))[:, None]
+                decay = tl.exp(tl.where(in_block, cum - _row(cum, rows, j)[None, :], float("-inf")))
+                a_col = tl.sum(q * _row(k, rows, j)[None, :] * decay, axis=1)
+                a += tl.where((rows == j)[None, :], a_col[:, None], 0.0)
+    a_ptrs, a_mask = _tile_ptrs(a_ptr, t0, eos, i_h, rows, rows, H, BT)
+    tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=a_mask)
 
 
 @triton.jit
@@ -266,19 +272,22 @@ def _bwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, dh
 
 
 @triton.jit
-def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dg_ptr, dx_ptr,
-                      dbeta_ptr, cu_ptr, blocks_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
-                      DOT: tl.constexpr, PREC: tl.constexpr):
-    """One sub-chunk and BK key columns: intra-chunk dq^, dk; final dq; the log-decay gradient before its
-    reverse cumulative sum (q^ dq^ - k dk), and the gradient reaching f_logit and beta through k."""
-    i_b, i_kb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq, blk = tl.load(blocks_ptr + 2 * i_b), tl.load(blocks_ptr + 2 * i_b + 1)
+def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr,
+                      dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
+                      V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                      HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk and BK key columns: intra-chunk dq^ and dk (A's factorisation with D = do i^T), plus the
+    inter-chunk parts from the backward scan with their decays; dq; then the log-decay gradient (reverse
+    cumulative sum of q^ dq^ - k dk inside the chunk plus the boundary term from the scan) and, with the
+    gradient through k, d f_logit and this chunk's share of d beta."""
+    i_c, i_kb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     NC: tl.constexpr = BT // BC
-    pos = blk % NC
-    t0 = bos + blk * BC
-    rows, cols, cols_v = tl.arange(0, BC), i_kb * BK + tl.arange(0, BK), tl.arange(0, V)
+    t0 = bos + c * BT
+    rows, cols, cols_v = tl.arange(0, BT), i_kb * BK + tl.arange(0, BK), tl.arange(0, V)
+    blk = rows // BC
+    lower_diag = (blk[:, None] == blk[None, :]) & (rows[:, None] >= rows[None, :])
 
     log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
     cum = tl.cumsum(log_f, 0)
@@ -286,96 +295,51 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_
     q = _load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale
     do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+    d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s
 
-    # dq^ from earlier sub-chunks of the chunk (factored through the boundary before this sub-chunk).
-    dq = tl.zeros([BC, BK], tl.float32)
-    prefix = tl.zeros([BK], tl.float32)  # total log-decay of the earlier sub-chunks of the chunk
-    for d in range(1, pos + 1):
-        log_f_j, k_j = _load_gates(x_ptr, beta_ptr, t0 - d * BC, eos, i_h, rows, cols, H, K, HAS_BETA)
-        k_dec = (k_j * tl.exp(_suffix(log_f_j) + prefix[None, :])).to(DOT)
-        v_j = _load_rows(v_ptr, t0 - d * BC, eos, i_h, rows, cols_v, H, V).to(DOT)
-        d_ij = tl.dot(do, tl.trans(v_j), input_precision=PREC)
-        dq += tl.dot(d_ij.to(DOT), k_dec, input_precision=PREC)
-        prefix += tl.sum(log_f_j, 0)
-    dq *= tl.exp(cum)
-    # dk from later sub-chunks of the chunk (factored through the boundary after this sub-chunk).
-    dk = tl.zeros([BC, BK], tl.float32)
-    later = tl.zeros([BK], tl.float32)  # total log-decay of the later sub-chunks of the chunk
-    end_blk = tl.minimum(blk - pos + NC, tl.cdiv(eos - bos, BC))
-    for j in range(blk + 1, end_blk):
-        tj = bos + j * BC
-        log_f_j, _ = _load_gates(x_ptr, beta_ptr, tj, eos, i_h, rows, cols, H, K, HAS_BETA)
-        q_j = _load_rows(q_ptr, tj, eos, i_h, rows, cols, H, K) * scale
-        q_dec = (q_j * tl.exp(tl.cumsum(log_f_j, 0) + later[None, :])).to(DOT)
-        do_j = _load_rows(do_ptr, tj, eos, i_h, rows, cols_v, H, V).to(DOT)
-        d_ji = tl.dot(do_j, tl.trans(v), input_precision=PREC)
-        dk += tl.dot(tl.trans(d_ji.to(DOT)), q_dec, input_precision=PREC)
-        later += tl.sum(log_f_j, 0)
-    dk *= tl.exp(suffix)
-    # The sub-chunk with itself: factored when its decays span little (see the forward), else element-wise.
-    d_ii = tl.dot(do, tl.trans(v), input_precision=PREC)
-    if tl.min(tl.sum(log_f, 0)) > -FACTOR_SPAN:
-        d_causal = tl.where(rows[:, None] >= rows[None, :], d_ii, 0.0).to(DOT)
-        q_down, k_up = (q * tl.exp(cum)).to(DOT), (k * tl.exp(-cum)).to(DOT)
-        dq += tl.exp(cum) * tl.dot(d_causal, k_up, input_precision=PREC)
-        dk += tl.exp(-cum) * tl.dot(tl.trans(d_causal), q_down, input_precision=PREC)
-    else:
-        weight = d_ii[:, :, None] * _diag_decay(cum, BC)
-        dq += tl.sum(weight * k[None, :, :], axis=1)
-        dk += tl.sum(weight * q[:, None, :], axis=0)
-    # Add the inter-chunk parts from the backward scan, decayed to and from the chunk's boundaries.
-    dq += tl.exp(cum + prefix[None, :]) * _load_rows(dq_ptr, t0, eos, i_h, rows, cols, H, K)
-    dk += tl.exp(suffix + later[None, :]) * _load_rows(dk_ptr, t0, eos, i_h, rows, cols, H, K)
+    dq = tl.zeros([BT, BK], tl.float32)
+    dk = tl.zeros([BT, BK], tl.float32)
+    for m in tl.static_range(1, NC):  # pairs (t in sub-chunk m, s before it), through the boundary before m
+        r = _row(cum, rows, m * BC - 1)[None, :]
+        decay_t = tl.exp(tl.where((blk == m)[:, None], cum - r, float("-inf")))
+        decay_s = tl.exp(tl.where((blk < m)[:, None], r - cum, float("-inf")))
+        d_m = tl.where((blk == m)[:, None] & (blk < m)[None, :], d, 0.0).to(DOT)
+        dq += decay_t * tl.dot(d_m, (k * decay_s).to(DOT), input_precision=PREC)
+        dk += decay_s * tl.dot(tl.trans(d_m), (q * decay_t).to(DOT), input_precision=PREC)
+    ref = _block_start_cum(cum, rows, BC, NC)
+    if tl.max(tl.max(ref - cum, axis=1), axis=0) < FACTOR_SPAN:
+        down, up = tl.exp(cum - ref), tl.exp(ref - cum)
+        d_d = tl.where(lower_diag, d, 0.0).to(DOT)
+        dq += down * tl.dot(d_d, (k * up).to(DOT), input_precision=PREC)
+        dk += up * tl.dot(tl.trans(d_d), (q * down).to(DOT), input_precision=PREC)
+    else:  # one column s at a time
+        for j in range(BT):
+            in_block = ((blk == j // BC) & (rows >= j))[:, None]
+            decay = tl.exp(tl.where(in_block, cum - _row(cum, rows, j)[None, :], float("-inf")))
+            weighted = tl.sum(tl.where((rows == j)[None, :], d, 0.0), axis=1)[:, None] * decay
+            dq += weighted * _row(k, rows, j)[None, :]
+            dk += tl.where((rows == j)[:, None], tl.sum(weighted * q, axis=0)[None, :], 0.0)
+    dq += tl.exp(cum) * _load_rows(dq_ptr, t0, eos, i_h, rows, cols, H, K)
+    dk += tl.exp(suffix) * _load_rows(dk_ptr, t0, eos, i_h, rows, cols, H, K)
     _store_rows(dq_out_ptr, dq * scale, t0, eos, i_h, rows, cols, H, K)
-    _store_rows(dg_ptr, q * dq - k * dk, t0, eos, i_h, rows, cols, H, K)
-    # Through k = 1 - f directly (the log-decay path waits for the reverse cumulative sum).
+
+    # Log-decay gradient of row t: everything later in the chunk, plus the boundary term (all later chunks).
+    not_last = c < tl.cdiv(eos - bos, BT) - 1
+    carry = tl.load(dgc_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, mask=(cols < K) & not_last, other=0.0)
+    if HAS_DGT:
+        last = tl.load(dgt_ptr + (seq.to(tl.int64) * H + i_h) * K + cols)
+        carry = tl.where(not_last, carry, last)
+    grad_log_f = tl.cumsum(q * dq - k * dk, 0, reverse=True) + carry[None, :]
     x = _load_rows(x_ptr, t0, eos, i_h, rows, cols, H, K)
     beta = 0.0
     if HAS_BETA:
         beta = tl.load(beta_ptr + i_h * K + cols).to(tl.float32)[None, :]
-    _, _, dk_dx, dk_dbeta = gate_jacobians(x, beta, HAS_BETA)
-    _store_rows(dx_ptr, dk * dk_dx, t0, eos, i_h, rows, cols, H, K)
+    dlogf_dx, dlogf_dbeta, dk_dx, dk_dbeta = gate_jacobians(x, beta, HAS_BETA)
+    _store_rows(dx_ptr, grad_log_f * dlogf_dx + dk * dk_dx, t0, eos, i_h, rows, cols, H, K)
     if HAS_BETA:
         row_ok = ((t0 + rows) < eos)[:, None]
-        partial = tl.sum(tl.where(row_ok, dk * dk_dbeta, 0.0), 0)
-        tl.store(dbeta_ptr + (i_b.to(tl.int64) * H + i_h) * K + cols, partial)
-
-
-@triton.jit
-def _gate_bwd_kernel(x_ptr, beta_ptr, dg_ptr, dx_ptr, dx_out_ptr, dgt_ptr, dgc_ptr, dbeta_ptr, cu_ptr,
-                     chunk0_ptr, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr):
-    """Log-decay gradient: reverse cumulative sum inside each chunk plus the chunk-boundary term from the
-    backward scan; then through log f's Jacobian to f_logit and beta."""
-    i_kb, i_nh = tl.program_id(0), tl.program_id(1)
-    seq, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_ptr, seq)
-    rows, cols = tl.arange(0, BT), i_kb * BK + tl.arange(0, BK)
-    chunk0 = tl.load(chunk0_ptr + seq).to(tl.int64)
-    last_carry = tl.zeros([BK], tl.float32)
-    if HAS_DGT:  # the final state's gradient acts on the last position's cumulative decay
-        last_carry += tl.load(dgt_ptr + i_nh.to(tl.int64) * K + cols)
-    beta = 0.0
-    if HAS_BETA:
-        beta = tl.load(beta_ptr + i_h * K + cols).to(tl.float32)[None, :]
-    dbeta = tl.zeros([BK], tl.float32)
-    n_chunks = tl.cdiv(eos - bos, BT)
-    for c in range(n_chunks):
-        t0 = bos + c * BT
-        not_last = c < n_chunks - 1
-        carry = tl.load(dgc_ptr + ((chunk0 + c) * H + i_h) * K + cols, mask=(cols < K) & not_last, other=0.0)
-        carry = tl.where(not_last, carry, last_carry)
-        dg = _load_rows(dg_ptr, t0, eos, i_h, rows, cols, H, K)
-        grad_log_f = carry[None, :] + tl.cumsum(dg, 0, reverse=True)
-        x = _load_rows(x_ptr, t0, eos, i_h, rows, cols, H, K)
-        dlogf_dx, dlogf_dbeta, _, _ = gate_jacobians(x, beta, HAS_BETA)
-        dx = _load_rows(dx_ptr, t0, eos, i_h, rows, cols, H, K) + grad_log_f * dlogf_dx
-        _store_rows(dx_out_ptr, dx, t0, eos, i_h, rows, cols, H, K)
-        if HAS_BETA:
-            row_ok = ((t0 + rows) < eos)[:, None]
-            dbeta += tl.sum(tl.where(row_ok, grad_log_f * dlogf_dbeta, 0.0), 0)
-    if HAS_BETA:
-        tl.store(dbeta_ptr + i_nh.to(tl.int64) * K + cols, dbeta)
+        partial = tl.sum(tl.where(row_ok, grad_log_f * dlogf_dbeta + dk * dk_dbeta, 0.0), 0)
+        tl.store(dbeta_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, partial)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -432,10 +396,9 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     q_dec = empty(q.shape, q.dtype, q.device)
     k_dec = empty(q.shape, q.dtype, q.device)
     totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
-    _intra_fwd_kernel[(seqs.num_blocks, heads)](
-        q, f_logit, beta_arg, a, q_dec, k_dec, totals, seqs.cu_seqlens, seqs.blocks, seqs.chunk_offsets, scale,
-        H=heads, K=key_dim, BT=CHUNK,
-        BC=SUB_CHUNK, BK=_key_block(key_dim), HAS_BETA=has_beta, DOT=dot, PREC=prec,
+    _intra_fwd_kernel[(seqs.num_chunks, heads)](
+        q, f_logit, beta_arg, a, q_dec, k_dec, totals, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim,
+        BT=CHUNK, BC=SUB_CHUNK, BK=_key_block(key_dim), HAS_BETA=has_beta, DOT=dot, PREC=prec,
         num_warps=CONFIG["intra_fwd_warps"], **_maxnreg("intra_fwd_maxnreg"),
     )
     o = empty(i.shape, i.dtype, i.device)
@@ -478,25 +441,17 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, saved, do, dht, 
         ATOMIC=num_v > 1, DOT=dot, PREC=prec, **_scan_launch(key_dim, block_v),
     )
     block_k = _key_block(key_dim)
-    num_k = triton.cdiv(key_dim, block_k)
     dq = empty(q.shape, q.dtype, q.device)
-    dg = empty((tokens, heads, key_dim), torch.float32, q.device)
-    dx_local = empty((tokens, heads, key_dim), torch.float32, q.device)
-    dbeta_local = empty((seqs.num_blocks, heads, key_dim), torch.float32, q.device)
-    _intra_bwd_kernel[(seqs.num_blocks, num_k, heads)](
-        q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dq, dg, dx_local, dbeta_local, seqs.cu_seqlens,
-        seqs.blocks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK, BK=block_k,
-        HAS_BETA=has_beta, DOT=dot, PREC=prec, num_warps=CONFIG["intra_bwd_warps"], **_maxnreg("intra_bwd_maxnreg"),
-    )
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
-    dgt = (dht * final).sum(-1) if dht is not None else None
-    dbeta_seq = empty((seqs.num_seqs, heads, key_dim), torch.float32, q.device)
-    _gate_bwd_kernel[(num_k, seqs.num_seqs * heads)](
-        f_logit, beta_arg, dg, dx_local, dx, dgt if dgt is not None else q, dgc, dbeta_seq, seqs.cu_seqlens,
-        seqs.chunk_offsets, H=heads, K=key_dim, BT=CHUNK, BK=block_k, HAS_BETA=has_beta, HAS_DGT=dgt is not None,
-        num_warps=CONFIG["gate_warps"],
+    dgt = (dht * final).sum(-1) if dht is not None else None  # the final state's gradient on the last decay
+    dbeta_chunks = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
+    _intra_bwd_kernel[(seqs.num_chunks, triton.cdiv(key_dim, block_k), heads)](
+        q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dgc, dgt if dgt is not None else q, dq, dx,
+        dbeta_chunks, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK,
+        BC=SUB_CHUNK, BK=block_k, HAS_BETA=has_beta, HAS_DGT=dgt is not None, DOT=dot, PREC=prec,
+        num_warps=CONFIG["intra_bwd_warps"], **_maxnreg("intra_bwd_maxnreg"),
     )
-    dbeta = (dbeta_local.sum(0) + dbeta_seq.sum(0)) if has_beta else None
+    dbeta = dbeta_chunks.sum(0) if has_beta else None
     return dq, dx, di, dbeta, dh0
 
 

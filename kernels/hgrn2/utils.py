@@ -165,10 +165,9 @@ def check_decode_inputs(q, f_logit, i, state, lower_bound) -> None:
 @dataclass
 class Sequences:
     cu_seqlens: torch.Tensor  # int32 [N + 1], offsets into the flattened token axis
-    blocks: torch.Tensor  # int32 [NB, 2]: (sequence, sub-chunk index within it) of every SUB_CHUNK block
+    chunks: torch.Tensor  # int32 [NT, 2]: (sequence, chunk index within it) of every chunk, in sequence order
     chunk_offsets: torch.Tensor  # int32 [N]: index of each sequence's first chunk in per-chunk buffers
     num_seqs: int
-    num_blocks: int
     num_chunks: int
 
 
@@ -176,21 +175,20 @@ def make_sequences(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, ch
                    device: torch.device) -> Sequences:
     if cu_seqlens is None:
         # Built on the device with no host sync: a [B, T] batch is B sequences of length T.
-        per_seq_blocks, per_seq_chunks = triton.cdiv(seq_len, SUB_CHUNK), triton.cdiv(seq_len, chunk)
+        per_seq = triton.cdiv(seq_len, chunk)
         cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
-        index = torch.arange(batch * per_seq_blocks, device=device, dtype=torch.int32)
-        blocks = torch.stack([index // per_seq_blocks, index % per_seq_blocks], dim=1).contiguous()
-        offsets = torch.arange(batch, device=device, dtype=torch.int32) * per_seq_chunks
-        return Sequences(cu, blocks, offsets, batch, batch * per_seq_blocks, batch * per_seq_chunks)
+        index = torch.arange(batch * per_seq, device=device, dtype=torch.int32)
+        chunks = torch.stack([index // per_seq, index % per_seq], dim=1).contiguous()
+        offsets = torch.arange(batch, device=device, dtype=torch.int32) * per_seq
+        return Sequences(cu, chunks, offsets, batch, batch * per_seq)
     bounds = cu_seqlens.tolist()
     lengths = [bounds[n + 1] - bounds[n] for n in range(len(bounds) - 1)]
-    block_counts = [triton.cdiv(n, SUB_CHUNK) for n in lengths]
     chunk_counts = [triton.cdiv(n, chunk) for n in lengths]
-    pairs = [(n, j) for n, count in enumerate(block_counts) for j in range(count)]
+    pairs = [(n, j) for n, count in enumerate(chunk_counts) for j in range(count)]
     starts, total = [], 0
     for count in chunk_counts:
         starts.append(total)
         total += count
     as_tensor = lambda values: torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
     return Sequences(as_tensor(bounds), as_tensor(pairs).reshape(-1, 2).contiguous(), as_tensor(starts),
-                     len(lengths), len(pairs), total)
+                     len(lengths), total)
