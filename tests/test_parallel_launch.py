@@ -131,13 +131,15 @@ def test_dry_run_prints_resolved_commands(tmp_path):
         (dict(world_size=4, tensor=4), "not divisible by parallel.tensor=4"),
         (dict(world_size=8, pipeline=8), "parallel.pipeline=8 stages but the model has only 4 layers"),
         (dict(world_size=4, pipeline=2, zero_stage=3), "Set parallel.zero_stage=1"),
-        (dict(world_size=4, pipeline=2, tensor=2), "not supported yet"),
+        (dict(world_size=4, pipeline=2, tensor=2, tie=True), "set model.tie_word_embeddings=false"),
+        (dict(world_size=2, sequence_parallel=True), "set parallel.sequence_parallel=false"),
     ],
 )
 def test_wrong_layouts_refused_with_what_to_change(kwargs, message):
     from hgrn2.config import HGRN2Config
 
-    model = HGRN2Config(vocab_size=128, hidden_size=96, num_layers=4, expand_ratio=16)  # 6 heads
+    tie = kwargs.pop("tie", False)
+    model = HGRN2Config(vocab_size=128, hidden_size=96, num_layers=4, expand_ratio=16, tie_word_embeddings=tie)
     with pytest.raises(LayoutError, match=message):
         resolve_layout(model_config=model, **kwargs)
 

@@ -36,6 +36,7 @@ LAYOUTS = {
     "dp2-zero3": (2, ["--zero", "3"]),
     "tp2xdp2-zero2": (4, ["--tensor", "2", "--zero", "2"]),
     "pp2xdp2-zero1": (4, ["--pipeline", "2", "--zero", "1"]),
+    "tp2xpp2-zero1": (4, ["--tensor", "2", "--pipeline", "2", "--zero", "1"]),
 }
 
 

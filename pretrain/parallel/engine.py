@@ -70,6 +70,9 @@ def deepspeed_config(cfg, layout: ParallelLayout, gas: int, bf16: bool) -> dict:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     if cfg.optimizer.grad_clip > 0:
         config["gradient_clipping"] = cfg.optimizer.grad_clip
+    if layout.pipeline > 1 and layout.tensor > 1:
+        # send whole activations between stages (each TP rank to its peer), not TP-partitioned ones
+        config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return config
 
 
@@ -138,9 +141,17 @@ class ParallelEngine:
         opt = self.cfg.optimizer
         ds_config = deepspeed_config(self.cfg, self.layout, self.gas, self.bf16)
         if self.pp_size > 1:
+            from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
             from pretrain.parallel.pipeline import BlockStage, build_pipeline_module, canonical_names
 
-            module, self.stage_blocks = build_pipeline_module(model, self.pp_size, self._loss_fn)
+            topology = None
+            if self.tp_size > 1:
+                apply_tensor_parallel(model)
+                self.vocab_padded = model.tensor_parallel["vocab_padded"]
+                # pipe-data-model rank order, the same as megatron's tp-dp-pp groups
+                topology = PipeModelDataParallelTopology(num_pp=self.pp_size, num_mp=self.tp_size, num_dp=self.dp_size)
+            module, self.stage_blocks = build_pipeline_module(model, self.pp_size, self._loss_fn, topology=topology)
             for layer in module.forward_funcs:
                 if isinstance(layer, BlockStage):
                     layer.activation_checkpointing = self.cfg.run.activation_checkpointing
@@ -152,6 +163,7 @@ class ParallelEngine:
             self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
         else:
             apply_tensor_parallel(model)
+            self.vocab_padded = getattr(model, "tensor_parallel", {}).get("vocab_padded")
             self.names = {p: name for name, p in model.named_parameters()}
             optimizer = torch.optim.AdamW(
                 parameter_groups(model.named_parameters(), opt.weight_decay),
@@ -209,8 +221,8 @@ class ParallelEngine:
                 )
             self.engine.train_batch(iter([(batch.input_ids, batch.labels) for batch in batches]))
             local = torch.stack(self._loss_sums).sum() if self._loss_sums else torch.zeros((), device=self.device)
-            # only the last stage computed losses: sum over the whole world, counting one TP rank (TP = 1)
-            total = local.detach().double()
+            # only the last stage computed losses: sum over the whole world, counting TP rank 0 only
+            total = local.detach().double() * (1.0 if self.tp_rank == 0 else 0.0)
             dist.all_reduce(total)
         else:
             self.engine.train()
@@ -382,7 +394,7 @@ class ParallelEngine:
             dim = param.partition_dim
             padded = None
             if name in VOCAB_PARAMS:
-                padded = self.engine.module.tensor_parallel["vocab_padded"]
+                padded = self.vocab_padded
             return shard_tensor(full, dim, self.tp_size, self.tp_rank, padded)
         return full
 

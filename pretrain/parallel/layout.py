@@ -3,7 +3,8 @@
 Every refusal says what to change. The layouts that run (DESIGN.md §4, docs/parallelism.md):
 
 - no PP: TP ≥ 1, DP ≥ 1, ZeRO 0–3 (DeepSpeed engine, megatron-core TP layers);
-- PP > 1: DeepSpeed's pipeline engine (1F1B) with ZeRO 0 or 1, TP = 1 (TP × PP is refused for now).
+- PP > 1: DeepSpeed's pipeline engine (1F1B) with ZeRO 0 or 1, with or without TP (TP × PP × DP; tied
+  word embeddings are refused with TP × PP).
 """
 
 from __future__ import annotations
@@ -65,12 +66,6 @@ def resolve_layout(
             "parallelism runs on DeepSpeed's pipeline engine, which shards only optimizer states (ZeRO-1). "
             "Set parallel.zero_stage=1 (or 0), or parallel.pipeline=1 to use ZeRO-2/3"
         )
-    if pipeline > 1 and tensor > 1:
-        raise LayoutError(
-            f"parallel.tensor={tensor} together with parallel.pipeline={pipeline} is not supported yet: "
-            "use tensor parallelism or pipeline parallelism (each with data parallelism), e.g. "
-            "parallel.pipeline=1, or parallel.tensor=1"
-        )
     if sequence_parallel:
         raise LayoutError(
             "parallel.sequence_parallel=true is not implemented yet; set parallel.sequence_parallel=false"
@@ -97,6 +92,11 @@ def check_model(layout: ParallelLayout, config) -> None:
                 f"the GLU width {config.mlp_size} is not divisible by parallel.tensor={tp}; change "
                 "parallel.tensor or model.intermediate_size"
             )
+    if tp > 1 and pp > 1 and config.tie_word_embeddings:
+        raise LayoutError(
+            f"tied word embeddings with parallel.tensor={tp} and parallel.pipeline={pp} together are not supported: "
+            "set model.tie_word_embeddings=false, or use one of tensor / pipeline parallelism"
+        )
     if pp > config.num_layers:
         raise LayoutError(
             f"parallel.pipeline={pp} stages but the model has only {config.num_layers} layers: every stage "

@@ -148,11 +148,18 @@ def _balanced(weights: list[int], parts: int) -> list[int]:
     return counts[::-1]
 
 
-def build_pipeline_module(model: HGRN2LM, num_stages: int, loss_fn, partition: list[int] | None = None):
-    """A DeepSpeed ``PipelineModule`` holding this stage's part of ``model`` (weights copied from it)."""
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec  # noqa: F401
+def build_pipeline_module(
+    model: HGRN2LM, num_stages: int, loss_fn, partition: list[int] | None = None, topology=None
+):
+    """A DeepSpeed ``PipelineModule`` holding this stage's part of ``model`` (weights copied from it).
+
+    ``model`` may already be tensor-parallel (``apply_tensor_parallel``); then ``topology`` is DeepSpeed's
+    ``PipeModelDataParallelTopology`` and Γ's stage copies hold this TP rank's shard.
+    """
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
     config = model.config
+    gamma_width = model.lower_bounds.shape[1] if model.lower_bounds is not None else config.hidden_size
     counts = partition or block_partition(config, num_stages)
     tied = config.tie_word_embeddings
     layers: list = []
@@ -165,7 +172,7 @@ def build_pipeline_module(model: HGRN2LM, num_stages: int, loss_fn, partition: l
     for index, block in enumerate(model.layers):
         if model.lower_bounds is not None:
             layers.append(
-                TiedLayerSpec("lower_bounds", LowerBounds, config.num_layers, config.hidden_size, forward_fn=_identity)
+                TiedLayerSpec("lower_bounds", LowerBounds, config.num_layers, gamma_width, forward_fn=_identity)
             )
         layers.append(BlockStage(block, index, config))
     if tied:
@@ -192,7 +199,10 @@ def build_pipeline_module(model: HGRN2LM, num_stages: int, loss_fn, partition: l
             self.parts = bounds
             self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
 
-    module = HGRN2Pipeline(layers=layers, num_stages=num_stages, loss_fn=loss_fn, partition_method="explicit")
+    if topology is None:
+        module = HGRN2Pipeline(layers=layers, num_stages=num_stages, loss_fn=loss_fn, partition_method="explicit")
+    else:
+        module = HGRN2Pipeline(layers=layers, topology=topology, loss_fn=loss_fn, partition_method="explicit")
     module._layer_specs = None  # drop references to the other stages' modules
     with torch.no_grad():
         if "lower_bounds" in module.tied_modules:
@@ -203,6 +213,11 @@ def build_pipeline_module(model: HGRN2LM, num_stages: int, loss_fn, partition: l
     for key, tied_module in module.tied_modules.items():  # a ModuleDict: its .get would be ruled out
         if key == "lower_bounds":
             bound = tied_module
+            source = model.lower_bounds
+            if getattr(source, "tensor_model_parallel", False):  # Γ sharded on d under TP
+                from megatron.core import tensor_parallel
+
+                tensor_parallel.set_tensor_model_parallel_attributes(bound.weight, True, source.partition_dim, 1)
     for layer in module.forward_funcs:
         if isinstance(layer, BlockStage) and bound is not None:
             layer._bounds = [bound]
