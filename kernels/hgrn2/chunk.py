@@ -1,13 +1,16 @@
 """Chunkwise HGRN2 in Triton: forward and backward kernels with the gate math fused, and the autograd Function.
 
 Notation (per head): x = f_logit, log f = gate(x, beta), k = 1 - f, q^ = scale * q, and, inside a chunk of BT
-rows, cum_t = sum_{u <= t} log f_u (<= 0, never stored in HBM). The recurrence S_t = Diag(f_t) S_{t-1} + k_t i_t^T,
+rows, cum_t = sum_{u <= t} log f_u (<= 0). The recurrence S_t = Diag(f_t) S_{t-1} + k_t i_t^T,
 o_t = q^_t S_t splits per chunk into
     o = A i + (q^ * exp(cum)) S_prev,     A[t, s] = sum_k q^_tk k_sk exp(cum_tk - cum_sk)   (s <= t)
     S_next = exp(cum_last) * S_prev + (k * exp(cum_last - cum))^T i.
 Every exponent above is <= 0, so nothing overflows whatever the gates. A is built from 16-row sub-chunks: a
 pair of different sub-chunks factors exactly through the log-decay at the boundary between them (both
-factors <= 1), a sub-chunk with itself is summed element-wise (exp of differences, also <= 1).
+factors <= 1); a sub-chunk with itself factors through its own start when its decay spans less than
+FACTOR_SPAN (factors <= e^60), and is otherwise summed one column at a time (exp of differences, <= 1).
+The decayed q^ * exp(cum) and k * exp(cum_last - cum) that the scans multiply are written by the intra
+kernel (input dtype); the cumulative decays themselves never leave the chip.
 
 Launches, forward:  intra (gates, A, decayed q/k; parallel over chunks) -> scan (sequential over chunks,
                     state in registers).
