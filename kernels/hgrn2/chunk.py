@@ -37,6 +37,7 @@ from kernels.hgrn2.utils import (
 )
 
 CHUNK = 64
+BF16_DOT_IN_INTERPRETER = False  # set by kernels.hgrn2.testing once the interpreter's bf16 tl.dot is patched
 # A sub-chunk whose log-decay spans less than this (in every key column) takes the factored diagonal:
 # k exp(-cum) <= e^60 |k| cannot overflow, and every product stays accurate term by term.
 FACTOR_SPAN = tl.constexpr(60.0)
@@ -44,7 +45,8 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # *_maxnreg caps registers per thread (None: ptxas decides); picked from ptxas spill reports and GPU sweeps
 # (docs/kernels.md).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 8,
-          "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None}
+          "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
+          "grad_precision": "tf32"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,11 +280,16 @@ def _bwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, dh
 def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr,
                       dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                      HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                      GRAD_DOT: tl.constexpr, GRAD_PREC: tl.constexpr):
     """One chunk and BK key columns: intra-chunk dq^ and dk (A's factorisation with D = do i^T), plus the
     inter-chunk parts from the backward scan with their decays; dq; then the log-decay gradient (reverse
     cumulative sum of q^ dq^ - k dk inside the chunk plus the boundary term from the scan) and, with the
-    gradient through k, d f_logit and this chunk's share of d beta."""
+    gradient through k, d f_logit and this chunk's share of d beta.
+
+    The products that form dq^ and dk take GRAD_DOT operands (fp32, tf32 products for bf16 inputs): the
+    log-decay gradient is the small difference q^ dq^ - k dk, and bf16-rounded operands there made d f_logit
+    3x and d beta 20x less accurate than fla (measured; docs/kernels.md)."""
     i_c, i_kb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
@@ -306,15 +313,15 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
         r = _row(cum, rows, m * BC - 1)[None, :]
         decay_t = tl.exp(tl.where((blk == m)[:, None], cum - r, float("-inf")))
         decay_s = tl.exp(tl.where((blk < m)[:, None], r - cum, float("-inf")))
-        d_m = tl.where((blk == m)[:, None] & (blk < m)[None, :], d, 0.0).to(DOT)
-        dq += decay_t * tl.dot(d_m, (k * decay_s).to(DOT), input_precision=PREC)
-        dk += decay_s * tl.dot(tl.trans(d_m), (q * decay_t).to(DOT), input_precision=PREC)
+        d_m = tl.where((blk == m)[:, None] & (blk < m)[None, :], d, 0.0).to(GRAD_DOT)
+        dq += decay_t * tl.dot(d_m, (k * decay_s).to(GRAD_DOT), input_precision=GRAD_PREC)
+        dk += decay_s * tl.dot(tl.trans(d_m), (q * decay_t).to(GRAD_DOT), input_precision=GRAD_PREC)
     ref = _block_start_cum(cum, rows, BC, NC)
     if tl.max(tl.max(ref - cum, axis=1), axis=0) < FACTOR_SPAN:
         down, up = tl.exp(cum - ref), tl.exp(ref - cum)
-        d_d = tl.where(lower_diag, d, 0.0).to(DOT)
-        dq += down * tl.dot(d_d, (k * up).to(DOT), input_precision=PREC)
-        dk += up * tl.dot(tl.trans(d_d), (q * down).to(DOT), input_precision=PREC)
+        d_d = tl.where(lower_diag, d, 0.0).to(GRAD_DOT)
+        dq += down * tl.dot(d_d, (k * up).to(GRAD_DOT), input_precision=GRAD_PREC)
+        dk += up * tl.dot(tl.trans(d_d), (q * down).to(GRAD_DOT), input_precision=GRAD_PREC)
     else:  # one column s at a time
         for j in range(BT):
             in_block = ((blk == j // BC) & (rows >= j))[:, None]
@@ -351,12 +358,22 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
 def _dot_config(dtype: torch.dtype):
     """fp32 inputs: fp32 operands, IEEE products (tests hold 1e-5). bf16: bf16 operands, fp32 accumulation.
 
-    Triton's interpreter (3.7.1) returns garbage for tl.dot on tensors cast to bf16 in the kernel, so there
-    bf16 inputs take fp32 operands.
+    Triton's interpreter (3.7.1) multiplies bf16 bit patterns in tl.dot, so there bf16 inputs take fp32
+    operands unless kernels.hgrn2.testing.patch_interpreter_bf16_dot has fixed it (the tests do).
     """
-    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
+    if dtype == torch.float32 or (os.environ.get("TRITON_INTERPRET") == "1" and not BF16_DOT_IN_INTERPRETER):
         return tl.float32, "ieee"
     return tl.bfloat16, "tf32"
+
+
+def _grad_dot_config(dtype: torch.dtype, dot, prec) -> dict:
+    """Operands of the intra backward's dq/dk products: fp32 with IEEE products for fp32 inputs; for bf16,
+    CONFIG["grad_precision"]: "tf32" (fp32 operands, tf32 products: default) or "bf16" (as the rest)."""
+    if dtype == torch.float32:
+        return {"GRAD_DOT": tl.float32, "GRAD_PREC": "ieee"}
+    if CONFIG["grad_precision"] == "bf16":
+        return {"GRAD_DOT": dot, "GRAD_PREC": prec}
+    return {"GRAD_DOT": tl.float32, "GRAD_PREC": CONFIG["grad_precision"]}
 
 
 def _value_block(value_dim: int) -> int:
@@ -452,6 +469,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, saved, do, dht, 
         q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dgc, dgt if dgt is not None else q, dq, dx,
         dbeta_chunks, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK,
         BC=SUB_CHUNK, BK=block_k, HAS_BETA=has_beta, HAS_DGT=dgt is not None, DOT=dot, PREC=prec,
+        **_grad_dot_config(q.dtype, dot, prec),
         num_warps=CONFIG["intra_bwd_warps"], **_maxnreg("intra_bwd_maxnreg"),
     )
     dbeta = dbeta_chunks.sum(0) if has_beta else None

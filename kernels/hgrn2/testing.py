@@ -29,7 +29,38 @@ def interpreted_kernels():
             for name in ("kernels.hgrn2.utils", "kernels.hgrn2.chunk", "kernels.hgrn2.decode", "kernels.hgrn2"):
                 importlib.reload(sys.modules[name])
             from kernels.hgrn2 import chunk, decode
+        patch_interpreter_bf16_dot()
+        chunk.BF16_DOT_IN_INTERPRETER = True
     return chunk, decode
+
+
+def patch_interpreter_bf16_dot() -> None:
+    """Make Triton's interpreter (3.7.1) multiply bf16 operands as numbers.
+
+    It stores bf16 as uint16 bit patterns and hands them to np.matmul as they are, so tl.dot on bf16 returns
+    garbage. Upcasting both operands to fp32 first (exact) gives bf16 products with fp32 accumulation, as the
+    GPU's tensor cores do; with it the tests run the kernels' real bf16 operand path on the CPU. Idempotent.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_bf16_upcast", False):
+        return
+    original = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16:
+            a = interpreter.TensorHandle(
+                interpreter._convert_float(a.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
+        if b.dtype.scalar == tl.bfloat16:
+            b = interpreter.TensorHandle(
+                interpreter._convert_float(b.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    create_dot._bf16_upcast = True
+    builder.create_dot = create_dot
 
 
 @contextlib.contextmanager
