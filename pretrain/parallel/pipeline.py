@@ -221,7 +221,26 @@ def build_pipeline_module(
     for layer in module.forward_funcs:
         if isinstance(layer, BlockStage) and bound is not None:
             layer._bounds = [bound]
+    _zero_fill_unused_tied_grads(module)
     return module, counts
+
+
+def _zero_fill_unused_tied_grads(module) -> None:
+    """A stage whose blocks never read Γ (only block 0, which has no β) has no gradient for its copy, and
+    DeepSpeed then skips that stage's side of the tied all-reduce (``if grad is not None``): the other
+    stages hang. Give such copies a zero gradient before the reduction."""
+    original = module.get_tied_weights_and_groups
+
+    def tied_weights_and_groups():
+        pairs = original()
+        for weight, _ in pairs:
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            if hasattr(weight, "_hp_grad") and weight._hp_grad is None:
+                weight._hp_grad = torch.zeros_like(weight, dtype=torch.float32)
+        return pairs
+
+    module.get_tied_weights_and_groups = tied_weights_and_groups
 
 
 def canonical_names(module, model: HGRN2LM) -> dict[nn.Parameter, str]:

@@ -126,7 +126,10 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", default=None, help="checkpoint directory to load first")
     parser.add_argument("--save-at", type=int, default=None, help="save after this many steps into OUT/ckpt")
     parser.add_argument("--tie", action="store_true")
+    parser.add_argument("--partition", default=None, help="HGRN2_PIPELINE_PARTITION for this run (e.g. 1,3)")
     args = parser.parse_args(argv)
+    if args.partition:
+        os.environ["HGRN2_PIPELINE_PARTITION"] = args.partition
 
     from pretrain.parallel.distributed import finish_worker
     from pretrain.parallel.engine import ParallelEngine
@@ -139,6 +142,8 @@ def main(argv=None) -> None:
     log(f"engine built {time.time() - started:.1f}s")
     out = Path(args.out)
     result = {"losses": [], "grad_norms": [], "skipped": [], "world": int(os.environ["WORLD_SIZE"])}
+    if engine.pp_size > 1:
+        result["stage_blocks"] = engine.stage_blocks
     if args.resume:
         engine.load(Path(args.resume))
         engine.iteration = args.first_step
