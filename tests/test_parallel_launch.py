@@ -4,6 +4,7 @@ wrong layouts with a message saying what to change."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.importorskip("deepspeed")
-pytest.importorskip("megatron.core")
+# find_spec, not importorskip: importing DeepSpeed here would pick its accelerator inside the test process
+if importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("megatron") is None:
+    pytest.skip("needs deepspeed and megatron-core", allow_module_level=True)
 
 from pretrain.parallel.layout import LayoutError, resolve_layout  # noqa: E402
 
