@@ -28,6 +28,12 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, this folder comes first on sys.path, where benchmarks/kernels.py would shadow the
+# ``kernels`` package: put the repository root there instead.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(ROOT)
+
 LAYOUTS = {
     "single": dict(nproc=1, tensor=1, zero=0),
     "tp2": dict(nproc=2, tensor=2, zero=1),
@@ -137,7 +143,7 @@ def driver(args) -> None:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                        str(layout["nproc"]), script, *passthrough]
         print("$", " ".join(command), flush=True)
-        env = {**os.environ, **NCCL_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        env = {**os.environ, **NCCL_ENV, "PYTHONPATH": str(ROOT)}
         subprocess.run(command, check=True, env=env)
         results[name] = json.loads(result_file.read_text())
     single = results.get("single")
