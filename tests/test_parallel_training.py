@@ -46,7 +46,7 @@ LAYOUTS = {
 
 def run_workers(nproc: int, args: list[str], out: Path, timeout: float = 300) -> dict:
     """torchrun (standalone: a free port) ``nproc`` workers; returns rank 0's result.json."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HGRN2_FORCE_CPU": "1"}
     env.pop("HGRN2_TEST_OVERRIDES", None)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),

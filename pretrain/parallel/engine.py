@@ -21,6 +21,7 @@ gathered with ``deepspeed.utils.safe_get_full_*`` (ZeRO), all-gathered along the
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -83,6 +84,10 @@ class ParallelEngine:
         # the caller seeded torch: the model must be initialised as HGRN2LM(model_config) on one process,
         # whatever the set-up below draws
         rng = torch.get_rng_state()
+        if cfg.run.device == "cpu":
+            os.environ["HGRN2_FORCE_CPU"] = "1"  # gloo and DeepSpeed's CPU accelerator even where CUDA exists
+        elif cfg.run.device == "cuda" and not pdist.use_cuda():
+            raise RuntimeError("run.device is 'cuda' but no CUDA device is available (use run.device=auto or cpu)")
         pdist.prepare_environment()
         pdist.init_process_group()
         pdist.register_exit_cleanup()
