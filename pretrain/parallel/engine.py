@@ -121,6 +121,7 @@ class ParallelEngine:
         self._loss_sums: list[torch.Tensor] = []
         self._eval = False
         self.engine = None
+        self._cpu_group = None
         torch.set_rng_state(rng)
         self._build(HGRN2LM(model_config))
 
@@ -290,8 +291,15 @@ class ParallelEngine:
                     value = value[: self.model_config.vocab_size]
             if self.dp_rank == 0 and self.tp_rank == 0:
                 local[name] = value.detach().float().cpu().contiguous()
+        if self.pp_size == 1:
+            # global rank 0 is DP rank 0 and TP rank 0: it already holds every full tensor
+            return local if self.is_main else None
+        # pipeline stages hold different tensors: collect them on rank 0 over a CPU (gloo) group, so that
+        # the pickled tensors never pass through GPU memory
+        if self._cpu_group is None:
+            self._cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         parts = [None] * dist.get_world_size() if self.is_main else None
-        dist.gather_object(local, parts, dst=0)
+        dist.gather_object(local, parts, dst=0, group=self._cpu_group)
         if not self.is_main:
             return None
         merged: dict[str, torch.Tensor] = {}
