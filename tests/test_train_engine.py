@@ -136,3 +136,11 @@ def test_packed_training_step_uses_the_resets():
     assert engine.eval_loss(packed)[1] == engine.eval_loss(plain)[1] == 64
     assert engine.eval_loss(packed)[0] != pytest.approx(engine.eval_loss(plain)[0], rel=1e-7)
     assert not engine.train_step([packed]).skipped
+
+
+def test_activation_checkpointing_computes_the_same_step():
+    plain, checkpointed = make_engine(), make_engine(make_cfg(activation_checkpointing=True))
+    assert checkpointed.model.activation_checkpointing and not plain.model.activation_checkpointing
+    batch = random_batch()
+    a, b = plain.train_step([batch]), checkpointed.train_step([batch])
+    assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
