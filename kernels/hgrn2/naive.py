@@ -96,6 +96,14 @@ def _chunk_forward(q, log_f, key, v, state, chunk_size):
 
 def _run_sequences(sequence_fn, q, f_logit, i, lower_bound, scale, initial_state, output_final_state, cu_seqlens):
     """Prepare the gates, run ``sequence_fn`` on every independent sequence, and reassemble the batch."""
+    # The references promise fp32 arithmetic: an enclosing bf16 autocast must not reach their products.
+    with torch.autocast(q.device.type, enabled=False):
+        return _run_sequences_fp32(
+            sequence_fn, q, f_logit, i, lower_bound, scale, initial_state, output_final_state, cu_seqlens
+        )
+
+
+def _run_sequences_fp32(sequence_fn, q, f_logit, i, lower_bound, scale, initial_state, output_final_state, cu_seqlens):
     _check_shapes(q, f_logit, i, lower_bound, initial_state, cu_seqlens)
     dtype = compute_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -164,8 +172,9 @@ def hgrn2_decode_reference(
     q, f_logit [B, H, K]; i [B, H, V]. Returns o [B, H, V] in ``i``'s dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    log_f = log_forget_gate(f_logit, lower_bound).to(state.dtype)
-    key = -torch.expm1(log_f)
-    state.mul_(log_f.exp()[..., None]).add_(key[..., None] * i.to(state.dtype)[..., None, :])
-    out = torch.einsum("bhk,bhkv->bhv", q.to(state.dtype) * scale, state)
+    with torch.autocast(q.device.type, enabled=False):
+        log_f = log_forget_gate(f_logit, lower_bound).to(state.dtype)
+        key = -torch.expm1(log_f)
+        state.mul_(log_f.exp()[..., None]).add_(key[..., None] * i.to(state.dtype)[..., None, :])
+        out = torch.einsum("bhk,bhkv->bhv", q.to(state.dtype) * scale, state)
     return out.to(i.dtype)
