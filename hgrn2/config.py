@@ -100,8 +100,6 @@ PRESETS: dict[str, dict] = {
     "1b": dict(hidden_size=2048, num_layers=18),
     "3b": dict(hidden_size=2560, num_layers=36),
 }
-# The sizes the paper reports for each preset, in billions of parameters.
-PAPER_SIZES = {"150m": 0.15, "385m": 0.385, "1b": 1.0, "3b": 2.9}
 
 
 def preset(name: str, **overrides) -> HGRN2Config:

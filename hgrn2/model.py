@@ -151,7 +151,7 @@ class HGRN2LM(nn.Module):
         return [None] + list(betas[1:].unbind(0))
 
     @property
-    def state_shape(self) -> tuple[int, int, int, int]:
+    def state_shape(self) -> tuple[int, int, int]:
         """Per-layer state shape for one sequence: (H, n, n)."""
         n = self.config.expand_ratio
         return (self.config.num_heads, n, n)
