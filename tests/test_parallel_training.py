@@ -3,7 +3,8 @@
 Each layout trains the tiny test model (d 64, 4 layers, head dim 16, vocab 131, seq 32) for 20 steps with
 ``pretrain.parallel.testing`` under torchrun; the first step's loss and full gathered gradients must
 equal ``LocalEngine``'s at the same weights and data (fp32, rel. err ≤ 1e-5) and the 20 losses agree to
-≤ 1e-4. Checkpoints saved under one layout resume under another (and in ``LocalEngine``).
+≤ 1e-4. Checkpoints saved under one layout resume under another (and in ``LocalEngine``), also with
+and without sequence parallel.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ LAYOUTS = {
     "tp2xdp2-zero2": (4, ["--tensor", "2", "--zero", "2"]),
     "pp2xdp2-zero1": (4, ["--pipeline", "2", "--zero", "1"]),
     "tp2xpp2-zero1": (4, ["--tensor", "2", "--pipeline", "2", "--zero", "1"]),
+    # Megatron-style sequence parallel (activations between the mixers sharded along the sequence); ZeRO-2
+    # reduces gradients during backward, so the norm weights' TP all-reduce must happen before DeepSpeed sees them
+    "tp2-sp-zero2": (2, ["--tensor", "2", "--zero", "2", "--sequence-parallel"]),
 }
 
 
@@ -147,6 +151,25 @@ def test_resume_tp_zero2_checkpoint_under_pipeline(single, runs):
 @pytest.mark.slow
 def test_resume_pipeline_checkpoint_under_zero3(single, runs):
     _resume("pp2xdp2-zero1", "dp2-zero3", single, runs)
+
+
+@pytest.mark.slow
+def test_resume_tp_checkpoint_under_sequence_parallel(single, runs):
+    _resume("tp2xdp2-zero2", "tp2-sp-zero2", single, runs)
+
+
+@pytest.mark.slow
+def test_resume_sequence_parallel_checkpoint_without_it(single, runs):
+    _resume("tp2-sp-zero2", "dp2-zero1", single, runs)
+
+
+def test_sequence_parallel_refuses_seq_length_not_divisible_by_tp():
+    from pretrain.parallel.layout import LayoutError, layout_from_config
+
+    cfg = tiny_config(STEPS, tensor=2, sequence_parallel=True, overrides=["batch.seq_length=31"])
+    with pytest.raises(LayoutError, match=r"batch.seq_length=31 is not divisible by parallel.tensor=2"):
+        layout_from_config(cfg, 2, cfg.model_config())
+    assert layout_from_config(tiny_config(STEPS, tensor=2, sequence_parallel=True), 2).sequence_parallel
 
 
 @pytest.mark.slow

@@ -29,9 +29,10 @@ def prepare_environment() -> None:
     """Environment DeepSpeed reads at import: the CPU accelerator when there is no GPU."""
     if not use_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from pretrain.parallel.cpu_shims import apply_deepspeed_cpu_shims
+        from pretrain.parallel.cpu_shims import apply_deepspeed_cpu_shims, apply_megatron_cpu_shims
 
         apply_deepspeed_cpu_shims()
+        apply_megatron_cpu_shims()
 
 
 def init_process_group(timeout_s: float = 600.0) -> None:

@@ -1,7 +1,8 @@
 """``ParallelEngine``: the ``TrainingEngine`` (``pretrain.engine``) for TP × PP × DP layouts.
 
-- Without PP: the plain ``HGRN2LM``, sharded by ``apply_tensor_parallel`` (megatron-core layers), inside a
-  DeepSpeed engine with ZeRO 1, 2 or 3 over the data-parallel group (``mpu`` = megatron's groups).
+- Without PP: the plain ``HGRN2LM``, sharded by ``apply_tensor_parallel`` (megatron-core layers; with
+  ``parallel.sequence_parallel`` also sequence-sharded between the mixers), inside a DeepSpeed engine with
+  ZeRO 1, 2 or 3 over the data-parallel group (``mpu`` = megatron's groups).
 - With PP: DeepSpeed's pipeline engine (1F1B, ``train_batch``) over ``pipeline.build_pipeline_module``
   with ZeRO-1.
 
@@ -168,7 +169,7 @@ class ParallelEngine:
             )
             self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
         else:
-            apply_tensor_parallel(model)
+            apply_tensor_parallel(model, sequence_parallel=self.layout.sequence_parallel)
             self.vocab_padded = getattr(model, "tensor_parallel", {}).get("vocab_padded")
             self.names = {p: name for name, p in model.named_parameters()}
             optimizer = torch.optim.AdamW(
@@ -200,6 +201,23 @@ class ParallelEngine:
         dist.all_reduce(value, group=self.ps.get_data_parallel_group())
         return value
 
+    def _check_sequence_parallel(self, batch: Batch) -> None:
+        """SP shards every sequence over the TP group; refuse what it cannot shard with what to change."""
+        if not self.layout.sequence_parallel:
+            return
+        if batch.cu_seqlens is not None:
+            raise ValueError(
+                "packed batches with document resets (data.reset_at_eod) are not supported with sequence "
+                "parallelism; set data.reset_at_eod=false or parallel.sequence_parallel=false"
+            )
+        length = batch.input_ids.shape[1]
+        if length % self.tp_size:
+            raise ValueError(
+                f"a batch of sequence length {length} is not divisible by parallel.tensor={self.tp_size}, which "
+                "sequence parallelism needs: set batch.seq_length to a multiple of parallel.tensor, or set "
+                "parallel.sequence_parallel=false"
+            )
+
     def train_step(self, micro_batches: list[Batch]) -> StepStats:
         if len(micro_batches) != self.gas:
             raise ValueError(
@@ -208,6 +226,8 @@ class ParallelEngine:
                 f"{self.cfg.batch.micro_batch_size})"
             )
         batches = [batch.to(self.device) for batch in micro_batches]
+        for batch in batches:
+            self._check_sequence_parallel(batch)
         local_tokens = sum(batch.token_count() for batch in batches)
         global_tokens = int(self._dp_sum(torch.tensor(float(local_tokens), device=self.device)).item())
         if global_tokens == 0:
@@ -248,6 +268,7 @@ class ParallelEngine:
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
         batch = batch.to(self.device)
+        self._check_sequence_parallel(batch)
         tokens = batch.token_count()
         self._eval = True
         try:

@@ -4,7 +4,8 @@ Every refusal says what to change. The layouts that run (DESIGN.md §4, docs/par
 
 - no PP: TP ≥ 1, DP ≥ 1, ZeRO 0–3 (DeepSpeed engine, megatron-core TP layers);
 - PP > 1: DeepSpeed's pipeline engine (1F1B) with ZeRO 0 or 1, with or without TP (TP × PP × DP; tied
-  word embeddings are refused with TP × PP).
+  word embeddings are refused with TP × PP);
+- sequence parallel: TP > 1 without PP, the sequence length divisible by TP.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def resolve_layout(
     zero_stage: int = 0,
     sequence_parallel: bool = False,
     model_config=None,
+    seq_length: int | None = None,
 ) -> ParallelLayout:
     """The layout for ``world_size`` processes, DP = world / (TP·PP); raises LayoutError when it can't run."""
     for name, value in (("parallel.tensor", tensor), ("parallel.pipeline", pipeline)):
@@ -67,12 +69,32 @@ def resolve_layout(
             "Set parallel.zero_stage=1 (or 0), or parallel.pipeline=1 to use ZeRO-2/3"
         )
     if sequence_parallel:
-        raise LayoutError(
-            "parallel.sequence_parallel=true is not implemented yet; set parallel.sequence_parallel=false"
-        )
+        check_sequence_parallel(layout, seq_length)
     if model_config is not None:
         check_model(layout, model_config)
     return layout
+
+
+def check_sequence_parallel(layout: ParallelLayout, seq_length: int | None) -> None:
+    """Sequence parallel shards the sequence over the TP group: needs TP > 1, no PP, T divisible by TP."""
+    tp, pp = layout.tensor, layout.pipeline
+    if tp == 1:
+        raise LayoutError(
+            "parallel.sequence_parallel=true shards activations along the sequence over the tensor-parallel "
+            "group, so it needs parallel.tensor > 1; set parallel.tensor to 2 or more, or set "
+            "parallel.sequence_parallel=false"
+        )
+    if pp > 1:
+        raise LayoutError(
+            f"parallel.sequence_parallel=true with parallel.pipeline={pp} is not supported; set "
+            "parallel.pipeline=1, or set parallel.sequence_parallel=false"
+        )
+    if seq_length is not None and seq_length % tp:
+        raise LayoutError(
+            f"batch.seq_length={seq_length} is not divisible by parallel.tensor={tp}, which sequence "
+            f"parallelism needs (each TP rank holds seq_length / {tp} tokens): set batch.seq_length to a "
+            f"multiple of {tp}, change parallel.tensor, or set parallel.sequence_parallel=false"
+        )
 
 
 def check_model(layout: ParallelLayout, config) -> None:
@@ -108,5 +130,6 @@ def layout_from_config(cfg, world_size: int, model_config=None) -> ParallelLayou
     """The layout of a ``pretrain.config.TrainConfig`` (its ``parallel`` section) for ``world_size``."""
     p = cfg.parallel
     return resolve_layout(
-        world_size, p.tensor, p.pipeline, p.zero_stage, getattr(p, "sequence_parallel", False), model_config
+        world_size, p.tensor, p.pipeline, p.zero_stage, getattr(p, "sequence_parallel", False), model_config,
+        cfg.batch.seq_length,
     )

@@ -15,6 +15,22 @@ single-process model, shard it, and compare. After it:
 
 Every sharded parameter carries megatron's ``tensor_model_parallel`` / ``partition_dim`` attributes
 (DeepSpeed's grad-norm and ``gather_full_state_dict`` read them).
+
+With ``sequence_parallel=True`` (Megatron-style) the residual stream between the mixers is sharded along
+the sequence across the TP group, sequence-first ``[T/TP, B, d]`` as megatron's mappings expect (they
+gather and scatter dim 0):
+
+- the embedding reduce-scatters its vocabulary-partial output to sequence shards (megatron's
+  ``reduce_scatter_embeddings``, which also transposes ``[B, T] -> [T, B]``);
+- ``attn_norm``, ``mlp_norm`` and the final ``norm`` normalise this rank's tokens, then all-gather the
+  sequence once for all the column-parallel projections behind them (q/f/i, gate/up, LM head: local matmuls,
+  no further collective); their backward reduce-scatters the input gradient;
+- ``o_proj`` and ``down_proj`` reduce-scatter to sequence shards instead of all-reducing;
+- HGRU2 sees the full sequence for its local heads (batch-first ``[B, T, d/TP]``: the attention norm's
+  gather hands it over transposed, ``o_proj`` transposes back), so the recurrence and ``TPRMSNorm`` run
+  unchanged;
+- the three norm weights are replicated but see only this rank's tokens: their gradients are all-reduced
+  across TP by a hook as they are produced (marked ``sequence_parallel``, as megatron marks them).
 """
 
 from __future__ import annotations
@@ -25,6 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from hgrn2.model import RMSNorm
 
 IGNORE_INDEX = -100
 
@@ -39,10 +57,11 @@ def _noop_init(weight: torch.Tensor) -> None:
     return None
 
 
-def mp_config(tp_size: int, dtype: torch.dtype = torch.float32):
+def mp_config(tp_size: int, dtype: torch.dtype = torch.float32, sequence_parallel: bool = False):
     ModelParallelConfig, _, _ = _megatron()
     return ModelParallelConfig(
         tensor_model_parallel_size=tp_size,
+        sequence_parallel=sequence_parallel,
         use_cpu_initialization=True,
         perform_initialization=False,
         gradient_accumulation_fusion=False,
@@ -94,7 +113,13 @@ def _column_cls():
             return super().forward(x)[0]
 
     class RowParallel(tp.RowParallelLinear):
+        """RowParallelLinear returning its output; ``batch_first_input``: SP input [B, T, f] to [T, B, f] first."""
+
+        batch_first_input = False
+
         def forward(self, x):  # noqa: D102
+            if self.batch_first_input:
+                x = x.transpose(0, 1)  # megatron reduce-scatters dim 0: make it the sequence
             return super().forward(x)[0]
 
     class VocabParallelHead(tp.ColumnParallelLinear):
@@ -124,24 +149,80 @@ def _set_tp_attrs(param: torch.Tensor, dim: int) -> None:
     tp.set_tensor_model_parallel_attributes(param, True, dim, 1)
 
 
+def _all_reduce_grad_hook(group):
+    """A tensor hook that sums a gradient across ``group``."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    return hook
+
+
+class SequenceParallelRMSNorm(RMSNorm):
+    """RMSNorm over this rank's tokens (sequence-first ``[T/TP, B, d]``), then the whole sequence all-gathered.
+
+    The gathered output feeds column-parallel projections; ``batch_first`` hands it over as ``[B, T, d]``.
+    Backward reduce-scatters, which also sums the partial input gradients of those projections across TP.
+    """
+
+    def __init__(self, size: int, eps: float, group, batch_first: bool) -> None:
+        super().__init__(size, eps)
+        self.group = group
+        self.batch_first = batch_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, tp = _megatron()
+        full = tp.gather_from_sequence_parallel_region(
+            super().forward(x), tensor_parallel_output_grad=True, group=self.group
+        )
+        return full.transpose(0, 1) if self.batch_first else full
+
+
+def _sequence_parallel_norm(norm: RMSNorm, batch_first: bool, group) -> SequenceParallelRMSNorm:
+    """``norm`` as a ``SequenceParallelRMSNorm`` with the same weight.
+
+    The weight is replicated but sees only this rank's tokens, so its gradient is summed across TP as it is
+    produced: a tensor hook runs before the gradient is accumulated, hence before DeepSpeed's hooks see it,
+    whatever the ZeRO stage (megatron's own finalize step does this for ``sequence_parallel`` parameters).
+    """
+    new = SequenceParallelRMSNorm(norm.weight.shape[0], norm.eps, group, batch_first)
+    new.weight.copy_(norm.weight)
+    new.weight.sequence_parallel = True
+    new.weight.register_hook(_all_reduce_grad_hook(group))
+    return new
+
+
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
     return int(math.ceil(vocab_size / tp_size) * tp_size)
 
 
 @torch.no_grad()
-def apply_tensor_parallel(model, tp_size: int | None = None, tp_rank: int | None = None, group=None):
-    """Shard ``model`` (an ``hgrn2.HGRN2LM`` with full single-process weights) in place for this TP rank."""
+def apply_tensor_parallel(
+    model, tp_size: int | None = None, tp_rank: int | None = None, group=None, sequence_parallel: bool = False
+):
+    """Shard ``model`` (an ``hgrn2.HGRN2LM`` with full single-process weights) in place for this TP rank.
+
+    ``sequence_parallel``: Megatron-style sequence parallelism (module docstring); the model then takes
+    ``[B, T]`` token ids with T divisible by TP and returns batch-first logits as before.
+    """
     _, ps, tp = _megatron()
     tp_size = ps.get_tensor_model_parallel_world_size() if tp_size is None else tp_size
     tp_rank = ps.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank
     group = ps.get_tensor_model_parallel_group() if group is None else group
     if tp_size == 1:
+        if sequence_parallel:
+            raise ValueError("sequence parallelism needs a tensor-parallel group larger than one")
         return model
     config = model.config
     if config.num_heads % tp_size or config.mlp_size % tp_size:
         raise ValueError(f"heads ({config.num_heads}) and GLU width ({config.mlp_size}) must divide by TP={tp_size}")
     ColumnParallel, RowParallel, VocabParallelHead = _column_cls()
     cfg = mp_config(tp_size, model.embeddings.weight.dtype)
+    # SP: row-parallel layers reduce-scatter; column-parallel ones get the gathered sequence from the norm in
+    # front of them and need no collective of their own (``disable_grad_reduce``)
+    row_cfg = mp_config(tp_size, model.embeddings.weight.dtype, sequence_parallel)
     d, mlp, vocab = config.hidden_size, config.mlp_size, config.vocab_size
     vocab_pad = padded_vocab_size(vocab, tp_size)
 
@@ -153,17 +234,19 @@ def apply_tensor_parallel(model, tp_size: int | None = None, tp_rank: int | None
 
     def column(linear: nn.Linear, out_features: int, in_features: int):
         new = ColumnParallel(
-            in_features, out_features, config=cfg, init_method=_noop_init, bias=False, gather_output=False
+            in_features, out_features, config=cfg, init_method=_noop_init, bias=False, gather_output=False,
+            disable_grad_reduce=sequence_parallel,
         )
         new.weight.copy_(rows(linear.weight))
         _set_tp_attrs(new.weight, 0)
         return new
 
-    def row(linear: nn.Linear, out_features: int, in_features: int):
+    def row(linear: nn.Linear, out_features: int, in_features: int, batch_first_input: bool = False):
         new = RowParallel(
-            in_features, out_features, config=cfg, init_method=_noop_init, bias=False, input_is_parallel=True,
+            in_features, out_features, config=row_cfg, init_method=_noop_init, bias=False, input_is_parallel=True,
             skip_bias_add=False,
         )
+        new.batch_first_input = sequence_parallel and batch_first_input
         new.weight.copy_(cols(linear.weight))
         _set_tp_attrs(new.weight, 1)
         return new
@@ -171,7 +254,9 @@ def apply_tensor_parallel(model, tp_size: int | None = None, tp_rank: int | None
     full_embed = model.embeddings.weight
     if vocab_pad != vocab:
         full_embed = F.pad(full_embed, (0, 0, 0, vocab_pad - vocab))
-    embeddings = tp.VocabParallelEmbedding(vocab_pad, d, init_method=_noop_init, config=cfg)
+    embeddings = tp.VocabParallelEmbedding(
+        vocab_pad, d, init_method=_noop_init, config=cfg, reduce_scatter_embeddings=sequence_parallel
+    )
     embeddings.weight.copy_(rows(full_embed))
     _set_tp_attrs(embeddings.weight, 0)
     tied = config.tie_word_embeddings
@@ -181,6 +266,7 @@ def apply_tensor_parallel(model, tp_size: int | None = None, tp_rank: int | None
     head = VocabParallelHead(
         d, vocab_pad, config=cfg, init_method=_noop_init, bias=False, gather_output=False,
         skip_weight_param_allocation=False, vocab_size=vocab, vocab_start=tp_rank * (vocab_pad // tp_size),
+        disable_grad_reduce=sequence_parallel,
     )
     head.weight.copy_(rows(full_head))
     _set_tp_attrs(head.weight, 0)
@@ -203,11 +289,19 @@ def apply_tensor_parallel(model, tp_size: int | None = None, tp_rank: int | None
         norm.weight.copy_(rows(attn.g_norm.weight))
         _set_tp_attrs(norm.weight, 0)
         attn.g_norm = norm
-        attn.o_proj = row(attn.o_proj, d, d)
+        attn.o_proj = row(attn.o_proj, d, d, batch_first_input=True)
         mlp_mod.gate_proj = column(mlp_mod.gate_proj, mlp, d)
         mlp_mod.up_proj = column(mlp_mod.up_proj, mlp, d)
         mlp_mod.down_proj = row(mlp_mod.down_proj, d, mlp)
-    model.tensor_parallel = {"size": tp_size, "rank": tp_rank, "vocab_padded": vocab_pad}
+        if sequence_parallel:
+            # HGRU2 is batch-first ([B, T, H, n]); the GLU is elementwise over tokens and stays sequence-first
+            layer.attn_norm = _sequence_parallel_norm(layer.attn_norm, batch_first=True, group=group)
+            layer.mlp_norm = _sequence_parallel_norm(layer.mlp_norm, batch_first=False, group=group)
+    if sequence_parallel:
+        model.norm = _sequence_parallel_norm(model.norm, batch_first=True, group=group)  # head: [B, T, V/TP]
+    model.tensor_parallel = {
+        "size": tp_size, "rank": tp_rank, "vocab_padded": vocab_pad, "sequence_parallel": sequence_parallel
+    }
     return model
 
 

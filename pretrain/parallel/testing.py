@@ -21,7 +21,10 @@ import torch
 VOCAB = 131  # odd: exercises the vocabulary padding under TP
 
 
-def tiny_config(steps: int = 20, zero: int = 0, tensor: int = 1, pipeline: int = 1, overrides=(), **model):
+def tiny_config(
+    steps: int = 20, zero: int = 0, tensor: int = 1, pipeline: int = 1, overrides=(), sequence_parallel: bool = False,
+    **model,
+):
     from pretrain.config import config_from_dict
 
     tree = {
@@ -34,7 +37,9 @@ def tiny_config(steps: int = 20, zero: int = 0, tensor: int = 1, pipeline: int =
         "schedule": {"name": "cosine", "warmup_steps": 3},
         "batch": {"micro_batch_size": 2, "global_batch_size": 8, "seq_length": 32},
         "run": {"steps": steps, "seed": 1234, "device": "cpu", "precision": "fp32"},
-        "parallel": {"tensor": tensor, "pipeline": pipeline, "zero_stage": zero},
+        "parallel": {
+            "tensor": tensor, "pipeline": pipeline, "zero_stage": zero, "sequence_parallel": sequence_parallel
+        },
     }
     overrides = list(overrides) + [o for o in os.environ.get("HGRN2_TEST_OVERRIDES", "").split() if o]
     return config_from_dict(tree, overrides)
@@ -126,6 +131,7 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", default=None, help="checkpoint directory to load first")
     parser.add_argument("--save-at", type=int, default=None, help="save after this many steps into OUT/ckpt")
     parser.add_argument("--tie", action="store_true")
+    parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--partition", default=None, help="HGRN2_PIPELINE_PARTITION for this run (e.g. 1,3)")
     args = parser.parse_args(argv)
     if args.partition:
@@ -135,7 +141,10 @@ def main(argv=None) -> None:
     from pretrain.parallel.engine import ParallelEngine
 
     torch.set_num_threads(1)
-    cfg = tiny_config(args.steps, args.zero, args.tensor, args.pipeline, tie_word_embeddings=args.tie)
+    cfg = tiny_config(
+        args.steps, args.zero, args.tensor, args.pipeline, sequence_parallel=args.sequence_parallel,
+        tie_word_embeddings=args.tie,
+    )
     torch.manual_seed(cfg.run.seed)
     started = time.time()
     engine = ParallelEngine(cfg, cfg.model_config())
