@@ -25,8 +25,10 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernel_accuracy import check_case, fla_path, make_inputs, ours, rel  # noqa: E402
+
 from kernels.hgrn2 import chunk as chunk_module  # noqa: E402
-from kernels.hgrn2 import chunk_hgrn2, decode_hgrn2, hgrn2_chunk_torch  # noqa: E402
+from kernels.hgrn2 import chunk_hgrn2, decode_hgrn2  # noqa: E402
 
 SHAPES = [(8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (32, 2048, 8, 128)]
 DECODE_BATCHES = (1, 16, 128)
@@ -46,62 +48,10 @@ def floors(batch, seq_len, heads, dim):
     }
 
 
-def make_inputs(batch, seq_len, heads, dim, dtype=torch.bfloat16, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    draw = lambda *shape: torch.randn(*shape, device="cuda", generator=gen, dtype=torch.float32)
-    return {
-        "q": draw(batch, seq_len, heads, dim).to(dtype),
-        "f_logit": (draw(batch, seq_len, heads, dim) * 2).to(dtype),
-        "i": draw(batch, seq_len, heads, dim).to(dtype),
-        "lower_bound": torch.rand(heads, dim, device="cuda", generator=gen) * 0.9,
-    }
-
-
-def ours(q, f_logit, i, lower_bound):
-    return chunk_hgrn2(F.silu(q), f_logit, i, lower_bound)[0]
-
-
-def fla_path(q, f_logit, i, lower_bound):
-    from fla.ops.gla import chunk_gla
-
-    g = F.logsigmoid(f_logit)
-    g = torch.logaddexp(lower_bound.log(), torch.log1p(-lower_bound) + g)
-    k = 1 - g.exp()
-    return chunk_gla(F.silu(q), k.to(i), i, g)[0]
-
-
-def reference(q, f_logit, i, lower_bound):
-    return hgrn2_chunk_torch(F.silu(q), f_logit, i, lower_bound, chunk_size=16)[0]
-
-
-def with_grads(fn, inputs, do):
-    leaves = {name: x.detach().clone().requires_grad_() for name, x in inputs.items()}
-    o = fn(**leaves)
-    o.backward(do.to(o.dtype))
-    return o.detach(), {name: x.grad for name, x in leaves.items()}
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return float("inf") if not torch.isfinite(a).all() else ((a - b).norm() / b.norm()).item()
-
-
 def accuracy(shape, use_fla):
-    """bf16 runs of ours (and fla) against a float64 chunkwise reference on the same (bf16-valued) inputs.
-
-    At the shape's T, H, n with at most 2 sequences: the float64 reference is a Python loop over chunks.
-    """
+    """bf16 runs of ours (and fla) against a float64 reference on the same inputs, batch capped at 2."""
     shape = (min(shape[0], 2),) + tuple(shape[1:])
-    inputs = make_inputs(*shape, seed=1)
-    do = torch.randn(shape, device="cuda")
-    ref_o, ref_g = with_grads(reference, {n: x.double() for n, x in inputs.items()}, do.double())
-    rows = {}
-    for name, fn in (("ours", ours), ("fla", fla_path)) if use_fla else (("ours", ours),):
-        o, grads = with_grads(fn, inputs, do)
-        rows[name] = {"o": rel(o, ref_o), **{f"d{n}": rel(grads[n], ref_g[n]) for n in grads}}
-    del ref_o, ref_g
-    torch.cuda.empty_cache()
-    return rows
+    return check_case(shape, {"ours": ours, "fla": fla_path} if use_fla else {"ours": ours})
 
 
 def fp32_check():

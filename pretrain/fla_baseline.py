@@ -35,12 +35,19 @@ def build_fla_model(model_config) -> torch.nn.Module:
     return HGRN2ForCausalLM(HGRN2Config(**values))
 
 
+def tokens_of(cfg) -> int:
+    """Tokens in one step (one micro-batch)."""
+    return cfg.batch.micro_batch_size * cfg.batch.seq_length
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.fla_baseline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop early after this long and report the steps timed so far")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if not torch.cuda.is_available():
@@ -56,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
                                   betas=tuple(opt.betas), eps=opt.eps, fused=True)
     source = BatchSource(cfg, data.train, 0, 1)
     times, losses = [], []
+    run_started = time.perf_counter()
     for step in range(args.steps):
+        if args.max_seconds and time.perf_counter() - run_started > args.max_seconds:
+            print(f"stopping at step {step}: --max-seconds {args.max_seconds:g} reached", flush=True)
+            break
         batch = source.global_batch(step * cfg.batch.micro_batch_size)[0].to(device)
         torch.cuda.synchronize()
         started = time.perf_counter()
@@ -69,14 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())  # synchronises
         times.append(time.perf_counter() - started)
-    tokens = cfg.batch.micro_batch_size * cfg.batch.seq_length
-    tokens_per_s = tokens / float(np.median(times[args.warmup :]))
+        if (step + 1) % 10 == 0:
+            print(f"step {step + 1}: loss {losses[-1]:.4f}, {tokens_of(cfg) / times[-1] / 1e3:.1f}k tok/s, "
+                  f"{time.perf_counter() - run_started:.0f} s elapsed", flush=True)
+    if len(times) <= args.warmup:
+        print(f"only {len(times)} steps ran, none after the {args.warmup} warm-up steps", file=sys.stderr)
+        return 1
+    tokens_per_s = tokens_of(cfg) / float(np.median(times[args.warmup :]))
     per_token, formula = flops_per_token(model_config)
     peak, peak_note = peak_flops(device, cfg.logging.peak_tflops)
     result = {"model": "fla HGRN2ForCausalLM", "params": sum(p.numel() for p in model.parameters()),
               "tokens_per_s": tokens_per_s, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
               "mfu": None if peak is None else per_token * tokens_per_s / peak, "first_loss": losses[0],
-              "last_loss": losses[-1], "steps": args.steps, "warmup": args.warmup, "formula": formula,
+              "last_loss": losses[-1], "steps": len(times), "warmup": args.warmup, "formula": formula,
               "peak": peak_note, "device": torch.cuda.get_device_name()}
     print(json.dumps(result, indent=2))
     return 0

@@ -34,16 +34,21 @@ def flops_per_token(config: HGRN2Config) -> tuple[float, str]:
     return float(total), formula
 
 
-def peak_flops(device: torch.device, configured_tflops: float | None) -> tuple[float | None, str]:
+def peak_flops(device: torch.device, configured_tflops: float | None, devices: int = 1) -> tuple[float | None, str]:
+    """The job's peak FLOP/s (one device's × ``devices``: MFU divides the job's tokens/s by it) and its source."""
     if configured_tflops is not None:
-        return configured_tflops * 1e12, f"peak {configured_tflops:g} TFLOP/s (logging.peak_tflops)"
-    if device.type != "cuda":
+        peak, note = configured_tflops, f"peak {configured_tflops:g} TFLOP/s (logging.peak_tflops)"
+    elif device.type != "cuda":
         return None, "no MFU on the CPU (set logging.peak_tflops to get one)"
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12, f"peak {tflops:g} TFLOP/s ({name}, bf16 dense, data sheet)"
-    return None, f"no MFU: unknown peak for {name} (set logging.peak_tflops)"
+    else:
+        name = torch.cuda.get_device_name(device)
+        found = [tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name]
+        if not found:
+            return None, f"no MFU: unknown peak for {name} (set logging.peak_tflops)"
+        peak, note = found[0], f"peak {found[0]:g} TFLOP/s ({name}, bf16 dense, data sheet)"
+    if devices > 1:
+        note += f" per device × {devices} devices"
+    return peak * 1e12 * devices, note
 
 
 def memory_gib(device: torch.device) -> tuple[float, str]:

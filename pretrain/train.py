@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pretrain import checkpoint
 from pretrain.config import ConfigError, TrainConfig, load_config
@@ -133,7 +134,8 @@ class Trainer:
         tensorboard = cfg.tensorboard_dir if cfg.logging.tensorboard else None
         self.report = Reporter(Path(cfg.run.output_dir), tensorboard, self.engine.is_main)
         self.flops_per_token, self.flops_formula = flops_per_token(self.model_config)
-        self.peak, self.peak_note = peak_flops(self.engine.device, cfg.logging.peak_tflops)
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.peak, self.peak_note = peak_flops(self.engine.device, cfg.logging.peak_tflops, self.world_size)
         self.last_saved_step = -1
         self.throughput: list[float] = []  # tokens/s of each logging window
         self.evaluations: list[dict] = []  # every evaluation of this run, with its step
@@ -265,6 +267,9 @@ class Trainer:
         summary = {"tokens_per_s": tokens_per_s, "memory_gib": memory, "memory_kind": memory_kind,
                    "flops_per_token": self.flops_per_token, "windows": len(windows)}
         line = f"throughput: {tokens_per_s:,.0f} tokens/s (median of {len(windows)} windows)"
+        if self.world_size > 1:
+            summary["tokens_per_s_per_device"] = tokens_per_s / self.world_size
+            line += f" = {tokens_per_s / self.world_size:,.0f} per device"
         if self.peak is not None:
             summary["mfu"] = self.flops_per_token * tokens_per_s / self.peak
             line += f", MFU {100 * summary['mfu']:.1f}%"

@@ -31,13 +31,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def records(output_dir: Path, kind: str) -> list[dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record.get("kind") == kind]
+
+
 def losses(output_dir: Path) -> dict[int, float]:
-    found = {}
-    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("kind") == "train":
-            found[record["step"]] = record["loss"]
-    return found
+    return {record["step"]: record["loss"] for record in records(output_dir, "train")}
 
 
 def write_config(tmp_path: Path, name: str, output_dir: Path, **sections) -> Path:
@@ -63,8 +63,9 @@ def test_two_nodes_over_loopback_train_with_dp2(tmp_path):
     from pretrain.train import main as train_main
 
     single_dir, dist_dir = tmp_path / "single", tmp_path / "two-nodes"
-    single_cfg = write_config(tmp_path, "single", single_dir)
-    dist_cfg = write_config(tmp_path, "dp2", dist_dir)
+    peak = {"logging": {"every": 1, "tensorboard": False, "peak_tflops": 1.0}}  # MFU on the CPU
+    single_cfg = write_config(tmp_path, "single", single_dir, **peak)
+    dist_cfg = write_config(tmp_path, "dp2", dist_dir, **peak)
     assert train_main(["--config", str(single_cfg)]) == 0
     port = str(free_port())
     common = ["torchrun", "--config", str(dist_cfg), "--nodes", "2", "--nproc-per-node", "1", "--cpu",
@@ -92,6 +93,11 @@ def test_two_nodes_over_loopback_train_with_dp2(tmp_path):
     worst = max(abs(found[s] - expected[s]) / abs(expected[s]) for s in expected)
     assert worst <= 1e-4, (found, expected)
     assert (dist_dir / "checkpoints" / "latest").is_file()
+    # MFU divides the job's tokens/s by the peak of all its devices.
+    for output_dir, devices in ((single_dir, 1), (dist_dir, 2)):
+        summary = records(output_dir, "summary")[-1]
+        assert summary["mfu"] == pytest.approx(summary["flops_per_token"] * summary["tokens_per_s"] / (1e12 * devices))
+    assert summary["tokens_per_s_per_device"] == pytest.approx(summary["tokens_per_s"] / 2)
 
 
 def test_preflight_refuses_world_not_divisible(tmp_path):

@@ -44,6 +44,8 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # Launch settings (warps, software-pipelining stages); the benchmark tries variants through this dict.
 # *_maxnreg caps registers per thread (None: ptxas decides); picked from ptxas spill reports and GPU sweeps
 # (docs/kernels.md).
+# The scans always take 8 warps: with 4, Triton 3.6 miscompiled the bf16 forward scan at K 64 / BV 32 on the
+# H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 8,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
           "grad_precision": "tf32"}
@@ -387,10 +389,8 @@ def _maxnreg(name: str) -> dict:
     return {} if CONFIG[name] is None else {"maxnreg": CONFIG[name]}
 
 
-def _scan_launch(key_dim: int, block_v: int) -> dict:
-    big = key_dim * block_v >= 64 * 64
-    return {"num_warps": CONFIG["scan_warps"] if big else 4, "num_stages": CONFIG["scan_stages"],
-            **_maxnreg("scan_maxnreg")}
+def _scan_launch() -> dict:
+    return {"num_warps": CONFIG["scan_warps"], "num_stages": CONFIG["scan_stages"], **_maxnreg("scan_maxnreg")}
 
 
 def _key_block(key_dim: int) -> int:
@@ -430,7 +430,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
         final if final is not None else q, states if states is not None else q, seqs.cu_seqlens,
         seqs.chunk_offsets, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v,
         HAS_H0=initial_state is not None, STORE_HT=final is not None, STORE_HS=keep_states, DOT=dot, PREC=prec,
-        **_scan_launch(key_dim, block_v),
+        **_scan_launch(),
     )
     return o, final, (a, q_dec, k_dec, totals, states)
 
@@ -458,7 +458,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, saved, do, dht, 
         q_dec, k_dec, totals, i, a, do, states, dht if dht is not None else q, dh0 if dh0 is not None else q,
         dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunk_offsets, H=heads, K=key_dim, V=value_dim,
         BT=CHUNK, BV=block_v, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        ATOMIC=num_v > 1, DOT=dot, PREC=prec, **_scan_launch(key_dim, block_v),
+        ATOMIC=num_v > 1, DOT=dot, PREC=prec, **_scan_launch(),
     )
     block_k = _key_block(key_dim)
     dq = empty(q.shape, q.dtype, q.device)
