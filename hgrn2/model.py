@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hgrn2.config import HGRN2Config
+from hgrn2.fused import rms_norm, swish_product
 from hgrn2.recurrence import hgrn2_decode, hgrn2_recurrence
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back, as fla's."""
+    """RMSNorm computed in fp32 and cast back, as fla's (saving only its input: ``hgrn2.fused``)."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -24,9 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class HGRU2(nn.Module):
@@ -87,7 +86,7 @@ class GLU(nn.Module):
         self.down_proj = nn.Linear(config.mlp_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swish_product(self.gate_proj(x), self.up_proj(x)))
 
 
 class HGRN2Block(nn.Module):

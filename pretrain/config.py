@@ -135,6 +135,10 @@ class ParallelSection:
     pipeline: int = 1
     zero_stage: int = 0
     sequence_parallel: bool = False
+    # DeepSpeed ZeRO communication: reduce gradients while the backward runs (null: DeepSpeed's default, which
+    # is off for stages 1-2 and on for 3), and the bucket size in elements for reduce and all-gather.
+    zero_overlap_comm: bool | None = None
+    zero_bucket_size: int = 500_000_000
 
 
 @dataclass
@@ -323,7 +327,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"run.device must be one of {', '.join(DEVICES)}, got {cfg.run.device!r}")
     if (cfg.data.mix_dir is None) == (cfg.data.spec is None):
         raise ConfigError("data: set exactly one of data.mix_dir (a built mix) and data.spec (a mix spec YAML)")
-    for name in ("tensor", "pipeline"):
+    for name in ("tensor", "pipeline", "zero_bucket_size"):
         positive(f"parallel.{name}", getattr(cfg.parallel, name))
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")

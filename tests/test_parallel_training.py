@@ -38,6 +38,9 @@ LAYOUTS = {
     "pp2-tied": (2, ["--pipeline", "2", "--zero", "1", "--tie", "--partition", "1,3"]),
     "dp2-zero1": (2, ["--zero", "1"]),
     "dp2-zero2": (2, ["--zero", "2"]),
+    # gradient reduction overlapped with the backward, in many small buckets (the throughput settings to try)
+    "dp2-zero2-overlap": (2, ["--zero", "2", "--override", "parallel.zero_overlap_comm=true",
+                              "--override", "parallel.zero_bucket_size=2000"]),
     "dp2-zero3": (2, ["--zero", "3"]),
     "tp2xdp2-zero2": (4, ["--tensor", "2", "--zero", "2"]),
     "pp2xdp2-zero1": (4, ["--pipeline", "2", "--zero", "1"]),

@@ -55,13 +55,22 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+def zero_config(parallel, stage: int) -> dict:
+    config = {"stage": stage, "reduce_bucket_size": parallel.zero_bucket_size}
+    if stage < 3:  # stage 3 gathers parameters by its own prefetch settings
+        config["allgather_bucket_size"] = parallel.zero_bucket_size
+    if parallel.zero_overlap_comm is not None:
+        config["overlap_comm"] = parallel.zero_overlap_comm
+    return config
+
+
 def deepspeed_config(cfg, layout: ParallelLayout, gas: int, bf16: bool) -> dict:
     zero_stage = max(layout.zero_stage, 1)
     config = {
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "train_batch_size": cfg.batch.micro_batch_size * gas * layout.data,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero_config(cfg.parallel, zero_stage),
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

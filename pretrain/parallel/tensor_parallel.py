@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hgrn2.fused import rms_norm
 from hgrn2.model import RMSNorm
 
 IGNORE_INDEX = -100
@@ -69,23 +70,6 @@ def mp_config(tp_size: int, dtype: torch.dtype = torch.float32, sequence_paralle
     )
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum across a group in forward and in backward (a value every rank uses, computed from all ranks)."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, group=group)
-        return tensor
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
 class TPRMSNorm(nn.Module):
     """RMSNorm over a hidden dim sharded across the TP group: local weight shard, global mean square."""
 
@@ -97,10 +81,7 @@ class TPRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(local_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        sum_sq = _AllReduceSum.apply(x32.pow(2).sum(-1, keepdim=True), self.group)
-        normed = x32 * torch.rsqrt(sum_sq / self.full_size + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.group, self.full_size)
 
 
 def _column_cls():

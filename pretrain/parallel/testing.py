@@ -133,6 +133,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tie", action="store_true")
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--partition", default=None, help="HGRN2_PIPELINE_PARTITION for this run (e.g. 1,3)")
+    parser.add_argument("--override", action="append", default=[], help="config key=value (repeatable)")
     args = parser.parse_args(argv)
     if args.partition:
         os.environ["HGRN2_PIPELINE_PARTITION"] = args.partition
@@ -142,7 +143,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(1)
     cfg = tiny_config(
-        args.steps, args.zero, args.tensor, args.pipeline, sequence_parallel=args.sequence_parallel,
+        args.steps, args.zero, args.tensor, args.pipeline, args.override, sequence_parallel=args.sequence_parallel,
         tie_word_embeddings=args.tie,
     )
     torch.manual_seed(cfg.run.seed)
