@@ -78,3 +78,63 @@ class SwishProductFunction(torch.autograd.Function):
 
 def swish_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return SwishProductFunction.apply(gate, up)
+
+
+IGNORE_INDEX = -100  # labels not counted (PyTorch's convention)
+
+
+def _product_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would give a matmul here (the tensor's own without autocast)."""
+    device_type = tensor.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else tensor.dtype
+
+
+class LinearCrossEntropySumFunction(torch.autograd.Function):
+    """sum over labelled rows of cross_entropy(hidden @ weight.T, labels), ``chunk_rows`` rows at a time.
+
+    The [rows, vocab] logits exist one chunk at a time: the forward also forms both gradients (softmax minus
+    one-hot, times hidden or weight), so nothing is recomputed and the backward only scales them. The products
+    take autocast's dtype and the softmax fp32, as ``F.cross_entropy(lm_head(hidden).float(), ...)`` does.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_rows):
+        dtype = _product_dtype(hidden)
+        want_grads = any(ctx.needs_input_grad[:2])
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden) if want_grads else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
+            for start in range(0, hidden.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                h, target = hidden[rows].to(dtype), labels[rows]
+                logits = (h @ w.T).float()
+                counted = target != IGNORE_INDEX
+                safe_target = torch.where(counted, target, 0)
+                log_norm = torch.logsumexp(logits, -1)
+                picked = logits.gather(1, safe_target[:, None])[:, 0]
+                total += torch.where(counted, log_norm - picked, 0.0).sum()
+                if want_grads:
+                    grad_logits = torch.exp(logits - log_norm[:, None])
+                    grad_logits[torch.arange(len(target), device=h.device), safe_target] -= 1
+                    grad_logits = (grad_logits * counted[:, None]).to(dtype)
+                    grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
+                    grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             chunk_rows: int = 4096) -> torch.Tensor:
+    """Summed token cross-entropy of ``hidden @ weight.T`` against ``labels`` (-100: ignored), fp32, without
+    materialising all the logits; hidden [..., d], labels [...]."""
+    return LinearCrossEntropySumFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                               chunk_rows)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hgrn2.config import HGRN2Config
-from hgrn2.fused import rms_norm, swish_product
+from hgrn2.fused import linear_cross_entropy_sum, rms_norm, swish_product
 from hgrn2.recurrence import hgrn2_decode, hgrn2_recurrence
 
 
@@ -178,12 +178,18 @@ class HGRN2LM(nn.Module):
         state: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         return_state: bool = False,
+        labels: torch.Tensor | None = None,
+        loss_chunk_rows: int = 4096,
     ):
         """Logits [B, T, V]; ``(logits, state)`` when ``return_state``.
 
         ``cu_seqlens`` packs several documents into one row (B = 1): the state resets at each boundary,
-        and the states are then per document.
+        and the states are then per document. With ``labels`` [B, T] (the next token at each position, -100
+        where not counted) it returns instead the summed token cross-entropy (fp32 scalar), formed
+        ``loss_chunk_rows`` positions at a time without materialising the logits (``hgrn2.fused``).
         """
+        if labels is not None and return_state:
+            raise ValueError("labels (a loss) and return_state (logits and state) cannot be combined")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         self.check_token_ids(input_ids)
@@ -196,7 +202,10 @@ class HGRN2LM(nn.Module):
             else:
                 x, final = layer(x, beta, layer_state, cu_seqlens, return_state)
             final_states.append(final)
-        logits = self.lm_head(self.norm(x))
+        hidden = self.norm(x)
+        if labels is not None:
+            return linear_cross_entropy_sum(hidden, self.lm_head.weight, labels, loss_chunk_rows)
+        logits = self.lm_head(hidden)
         return (logits, torch.stack(final_states)) if return_state else logits
 
     @torch.no_grad()

@@ -100,6 +100,9 @@ class RunSection:
     output_dir: str = "runs/train"
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     torch_threads: int = 0  # 0 leaves torch's default
+    # 0: cross-entropy over the materialised [tokens, vocab] logits; N > 0: the LM head and the loss fused,
+    # N tokens at a time, never holding all the logits (hgrn2.fused; not with TP, PP or ZeRO-3)
+    loss_chunk_tokens: int = 0
 
 
 @dataclass
@@ -331,8 +334,21 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         positive(f"parallel.{name}", getattr(cfg.parallel, name))
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    check_fused_loss(cfg)
     cfg.model_config()  # the model fields must make a valid HGRN2Config
     return cfg
+
+
+def check_fused_loss(cfg: TrainConfig) -> None:
+    chunk, p = cfg.run.loss_chunk_tokens, cfg.parallel
+    if chunk < 0:
+        raise ConfigError(f"run.loss_chunk_tokens must be 0 (off) or positive, got {chunk}")
+    if chunk and (p.tensor > 1 or p.pipeline > 1 or p.zero_stage == 3):
+        raise ConfigError(
+            "run.loss_chunk_tokens > 0 (the fused LM head and loss) reads the whole LM head weight on each rank: "
+            f"it needs parallel.tensor=1, pipeline=1 and zero_stage <= 2 (got {p.tensor}, {p.pipeline}, "
+            f"{p.zero_stage}); set run.loss_chunk_tokens=0"
+        )
 
 
 def config_from_dict(tree: dict, overrides: list[str] | None = None) -> TrainConfig:

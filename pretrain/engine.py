@@ -49,12 +49,12 @@ from safetensors.torch import load_file, save_file
 
 from hgrn2.checkpoint import WEIGHTS_FILE, load_model_weights, save_checkpoint
 from hgrn2.config import HGRN2Config
+from hgrn2.fused import IGNORE_INDEX
 from hgrn2.model import HGRN2LM
 from pretrain.config import TrainConfig
 from pretrain.schedule import lr_at
 
 OPTIMIZER_FILE = "optimizer.safetensors"
-IGNORE_INDEX = -100
 OPTIMIZER_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
@@ -155,6 +155,14 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def model_loss_sum(model, batch: Batch, loss_chunk_tokens: int) -> torch.Tensor:
+    """The model's summed token loss on a batch: over materialised logits, or fused in chunks of tokens."""
+    if loss_chunk_tokens:
+        return model(batch.input_ids, cu_seqlens=batch.cu_seqlens, labels=batch.labels,
+                     loss_chunk_rows=loss_chunk_tokens)
+    return token_loss_sum(model(batch.input_ids, cu_seqlens=batch.cu_seqlens), batch.labels)
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> dict[str, torch.Tensor]:
     """AdamW state as ``{exp_avg.<name>, exp_avg_sq.<name>, step.<name>}`` (contiguous, on the CPU)."""
     tensors = {}
@@ -219,8 +227,7 @@ class LocalEngine:
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         with self._autocast():
-            logits = self.model(batch.input_ids, cu_seqlens=batch.cu_seqlens)
-        return token_loss_sum(logits, batch.labels)
+            return model_loss_sum(self.model, batch, self.cfg.run.loss_chunk_tokens)
 
     def current_lr(self) -> float:
         return lr_at(self.iteration, self.cfg.optimizer.lr, self.cfg.run.steps, self.cfg.schedule)

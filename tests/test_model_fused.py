@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hgrn2.fused import rms_norm, swish_product
+from hgrn2.fused import linear_cross_entropy_sum, rms_norm, swish_product
 
 
 def plain_rms_norm(x, weight, eps):
@@ -75,3 +75,42 @@ def test_saves_only_the_inputs():
     assert saved_bytes(lambda a: plain_rms_norm(a, weight, 1e-6), x_in, ignore=[weight]) >= 2 * x.numel() * 4
     assert saved_bytes(swish_product, gate_in, up_in) == gate.nbytes + up.nbytes
     assert saved_bytes(plain_swish_product, gate_in, up_in) == 3 * gate.nbytes
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_matches_materialised_logits(autocast):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 37, 48, requires_grad=True)
+    weight = (0.1 * torch.randn(500, 48)).requires_grad_()
+    labels = torch.randint(0, 500, (3, 37))
+    labels[0, :5] = -100  # not counted
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                loss = linear_cross_entropy_sum(hidden, weight, labels, chunk_rows=16)  # 111 rows: a partial chunk
+            else:
+                logits = hidden @ weight.T
+                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+        results.append((loss.detach(), *torch.autograd.grad(loss * 0.5, (hidden, weight))))
+    tol = 1e-2 if autocast else 1e-5
+    for got, want in zip(results[0], results[1], strict=True):
+        assert got.dtype == want.dtype
+        assert ((got.double() - want.double()).norm() / want.double().norm()).item() <= tol
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        # evaluation: the same loss, no gradients formed
+        assert torch.equal(linear_cross_entropy_sum(hidden, weight, labels, chunk_rows=16), results[0][0])
+
+
+def test_model_loss_with_labels_equals_cross_entropy_of_its_logits():
+    from hgrn2 import HGRN2LM, preset
+
+    torch.manual_seed(0)
+    model = HGRN2LM(preset("tiny", hidden_size=64, num_layers=2, expand_ratio=16))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 25))
+    logits = model(tokens[:, :-1])
+    expected = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+    loss = model(tokens[:, :-1], labels=tokens[:, 1:], loss_chunk_rows=7)
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
+    with pytest.raises(ValueError, match="labels"):
+        model(tokens[:, :-1], labels=tokens[:, 1:], return_state=True)

@@ -42,6 +42,8 @@ LAYOUTS = {
     "dp2-zero2-overlap": (2, ["--zero", "2", "--override", "parallel.zero_overlap_comm=true",
                               "--override", "parallel.zero_bucket_size=2000"]),
     "dp2-zero3": (2, ["--zero", "3"]),
+    # the LM head and the loss fused in chunks of 24 tokens (hgrn2.fused) against the reference's plain loss
+    "dp2-zero1-fused-loss": (2, ["--zero", "1", "--override", "run.loss_chunk_tokens=24"]),
     "tp2xdp2-zero2": (4, ["--tensor", "2", "--zero", "2"]),
     "pp2xdp2-zero1": (4, ["--pipeline", "2", "--zero", "1"]),
     "tp2xpp2-zero1": (4, ["--tensor", "2", "--pipeline", "2", "--zero", "1"]),

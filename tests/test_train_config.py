@@ -40,6 +40,8 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("batch.global_batch_size=7", r"batch\.global_batch_size \(7\) must be a multiple"),
         ("optimizer.betas=[0.9]", r"optimizer\.betas must be two numbers"),
         ("parallel.zero_stage=4", r"parallel\.zero_stage"),
+        ("run.loss_chunk_tokens=-1", r"run\.loss_chunk_tokens must be 0 \(off\) or positive"),
+        ("parallel.zero_bucket_size=0", r"parallel\.zero_bucket_size must be positive"),
         ("model.preset=7b", r"model: unknown HGRN2 preset"),
         ("model.hidden_size=100", r"model: .*divisible"),
         ("data.spec=x.yaml", r"exactly one of data\.mix_dir"),
@@ -50,6 +52,12 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(BASE, [override])
+
+
+@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=3"])
+def test_fused_loss_refused_where_the_lm_head_is_sharded(layout):
+    with pytest.raises(ConfigError, match=r"run\.loss_chunk_tokens > 0 .* set run\.loss_chunk_tokens=0"):
+        config_from_dict(BASE, ["run.loss_chunk_tokens=64", layout])
 
 
 def test_missing_and_bad_files(tmp_path):

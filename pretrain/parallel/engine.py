@@ -140,10 +140,22 @@ class ParallelEngine:
 
     def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         total, _ = lm_loss_sum(logits, labels, self.tp_size)
+        return self._scaled_loss(total)
+
+    def _scaled_loss(self, total: torch.Tensor) -> torch.Tensor:
         if self._eval:
             return total
         self._loss_sums.append(total.detach())
         return total * self._loss_scale
+
+    def _batch_loss(self, batch: Batch) -> torch.Tensor:
+        """The micro-batch's (scaled) loss through the DeepSpeed engine, without pipeline parallelism."""
+        chunk = self.cfg.run.loss_chunk_tokens
+        if chunk:  # the LM head and the loss fused inside the model's forward (TP = 1, ZeRO <= 2: checked)
+            total = self.engine(batch.input_ids, cu_seqlens=batch.cu_seqlens, labels=batch.labels,
+                                loss_chunk_rows=chunk)
+            return self._scaled_loss(total)
+        return self._loss_fn(self.engine(batch.input_ids, cu_seqlens=batch.cu_seqlens), batch.labels)
 
     def _build(self, model: HGRN2LM) -> None:
         import deepspeed
@@ -262,8 +274,7 @@ class ParallelEngine:
         else:
             self.engine.train()
             for batch in batches:
-                logits = self.engine(batch.input_ids, cu_seqlens=batch.cu_seqlens)
-                loss = self._loss_fn(logits, batch.labels)
+                loss = self._batch_loss(batch)
                 self.engine.backward(loss)
                 self.engine.step()
             total = self._dp_sum(torch.stack(self._loss_sums).sum())
@@ -287,8 +298,7 @@ class ParallelEngine:
                 )
                 return float(value.item() if torch.is_tensor(value) else value), tokens
             self.engine.eval()
-            logits = self.engine(batch.input_ids, cu_seqlens=batch.cu_seqlens)
-            return float(self._loss_fn(logits, batch.labels).item()), tokens
+            return float(self._batch_loss(batch).item()), tokens
         finally:
             self._eval = False
 

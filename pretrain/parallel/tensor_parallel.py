@@ -42,10 +42,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hgrn2.fused import rms_norm
+from hgrn2.fused import IGNORE_INDEX, rms_norm
 from hgrn2.model import RMSNorm
-
-IGNORE_INDEX = -100
 
 
 def _megatron():
