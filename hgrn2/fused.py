@@ -1,10 +1,12 @@
-"""Memory-lean autograd functions for the model's RMSNorms and the GLU's swish product.
+"""Memory-lean autograd functions: the model's RMSNorms, the GLU's swish product, the LM head with its loss.
 
 Written with plain autograd, ``(x32 * rsqrt(mean(x32²) + eps) * w).to(dtype)`` keeps an fp32 copy of the
 input and the fp32 normalised tensor for the backward (8 bytes per element on top of the input), and
 ``silu(gate) * up`` keeps the gate, its swish and ``up``. These functions compute the same forward values
 with the same operations, save only the inputs (and, for the norm, one fp32 scale per row) and recompute the
 rest in the backward: at the 150m preset that is about 15 KB less per token and layer (docs/model.md).
+``linear_cross_entropy_sum`` forms the LM head's logits, the loss and both gradients a chunk of tokens at a
+time, so the [tokens, vocab] logits never exist whole.
 """
 
 from __future__ import annotations
