@@ -5,7 +5,7 @@
 
 Every case draws bf16 inputs (pre-swish q, f_logit, i; fp32 lower bound), runs ours (and fla's chunk_gla with
 the gate preparation fla's HGRN2 layer does) and compares the output and every gradient with the float64
-chunkwise reference, computed on the CPU, on the same bf16-valued inputs. For ours it also names the worst
+chunkwise reference on the same bf16-valued inputs. For ours it also names the worst
 64-row chunk and head of the output, so an error confined to one part of the computation shows where it is,
 and it repeats the forward without autograd (no chunk states kept). A variant is a dict merged into
 ``kernels.hgrn2.chunk.CONFIG`` (``{"dot": "fp32"}`` instead runs the kernels' fp32 operand path on the bf16
@@ -92,12 +92,10 @@ def rel_part(diff, ref):
 def check_case(shape, paths, seed=1):
     inputs = make_inputs(*shape, seed)
     do = torch.randn(shape, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(seed + 1))
-    # float64 on the CPU: the reference stays independent of the GPU's libraries.
-    ref_o, ref_g = run_with_grads(reference, {n: x.cpu().double() for n, x in inputs.items()}, do.cpu().double())
+    ref_o, ref_g = run_with_grads(reference, {n: x.double() for n, x in inputs.items()}, do.double())
     rows = {}
     for name, fn in paths.items():
         o, grads = run_with_grads(fn, inputs, do)
-        o, grads = o.cpu(), {n: g.cpu() for n, g in grads.items()}
         row = {"o": rel(o, ref_o), **{f"d{n}": rel(grads[n], ref_g[n]) for n in grads}}
         if name == "ours":
             row.update(worst_part(o, ref_o))
@@ -108,9 +106,9 @@ def check_case(shape, paths, seed=1):
 def check_no_grad(shape, seed=1):
     """Ours without autograd (no chunk states kept, no final state): the output's error."""
     inputs = make_inputs(*shape, seed)
-    ref = reference(**{n: x.cpu().double() for n, x in inputs.items()})
+    ref = reference(**{n: x.double() for n, x in inputs.items()})
     with torch.no_grad():
-        o = ours(**inputs).cpu()
+        o = ours(**inputs)
     return {"o (no grad)": rel(o, ref), **worst_part(o, ref)}
 
 
@@ -162,8 +160,8 @@ def model_check():
         model_module.hgrn2_recurrence = original
     result = {"logits": rel(logits, ref_logits), "layers": []}
     for q, f_logit, i, bound in captured:
-        o = chunk_hgrn2(q, f_logit, i, bound)[0].cpu()
-        ref = hgrn2_chunk_torch(*(x if x is None else x.cpu().double() for x in (q, f_logit, i, bound)))[0]
+        o = chunk_hgrn2(q, f_logit, i, bound)[0]
+        ref = hgrn2_chunk_torch(*(x if x is None else x.double() for x in (q, f_logit, i, bound)))[0]
         result["layers"].append({"o": rel(o, ref), **worst_part(o, ref),
                                  "f_logit range": (f_logit.min().item(), f_logit.max().item()),
                                  "bound range": None if bound is None else (bound.min().item(), bound.max().item())})
