@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.hgrn2 import selfcheck
 from kernels.hgrn2.utils import (
     SUB_CHUNK,
     Sequences,
@@ -515,9 +516,12 @@ def chunk_hgrn2(
     q (post-swish), f_logit [B, T, H, K]; i [B, T, H, V]; lower_bound [H, K] or None; initial_state fp32
     [N, H, K, V] (key-first). Inputs fp32 or bf16 (one dtype), contiguous; K, V in {16, 32, 64, 128}.
     Returns o [B, T, H, V] in i's dtype and the fp32 final state (None unless output_final_state).
-    Differentiable in q, f_logit, i, lower_bound and initial_state.
+    Differentiable in q, f_logit, i, lower_bound and initial_state. On a GPU, the first call with a new dtype,
+    head count, head dims or bound checks the compiled kernels against the float64 reference
+    (``kernels.hgrn2.selfcheck``).
     """
     check_chunk_inputs(q, f_logit, i, lower_bound, initial_state, cu_seqlens)
+    selfcheck.verify_once(chunk_hgrn2, q, i, lower_bound)  # first use of this configuration on a GPU
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return ChunkHGRN2Function.apply(q, f_logit, i, lower_bound, scale, initial_state, output_final_state,
                                     cu_seqlens)
