@@ -45,11 +45,14 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # Launch settings (warps, software-pipelining stages); the benchmark tries variants through this dict.
 # *_maxnreg caps registers per thread (None: ptxas decides); picked from ptxas spill reports and GPU sweeps
 # (docs/kernels.md).
+# bwd_scan: "fused" (one reverse scan per value block, dq/dk summed over two value blocks with atomics) or
+# "split" (a sequential pass storing the state gradient per chunk, then a parallel pass per chunk with all of
+# V: no atomics, more parallelism; not yet timed on a GPU, docs/kernels.md).
 # The scans always take 8 warps: with 4, Triton 3.6 miscompiled the bf16 forward scan at K 64 / BV 32 on the
 # H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 8,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
-          "grad_precision": "tf32"}
+          "grad_precision": "tf32", "bwd_scan": "fused", "bwd_chunk_warps": 8}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,6 +283,76 @@ def _bwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, dh
 
 
 @triton.jit
+def _bwd_dstate_kernel(qd_ptr, do_ptr, total_ptr, dht_ptr, dh0_ptr, ds_ptr, cu_ptr, chunk0_ptr, H: tl.constexpr,
+                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
+                       STORE_DH0: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Split backward, sequential part: one (sequence, head, value block) walks the chunks in reverse and
+    stores the state gradient at the end of every chunk (ds[c]); one product per chunk, no atomics."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    seq, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_ptr, seq)
+    rows, cols_k, cols_v = tl.arange(0, BT), tl.arange(0, K), i_v * BV + tl.arange(0, BV)
+    state_offsets = cols_k[:, None] * V + cols_v[None, :]
+    dstate = tl.zeros([K, BV], tl.float32)
+    if HAS_DHT:
+        dstate = tl.load(dht_ptr + i_nh.to(tl.int64) * K * V + state_offsets)
+    chunk0 = tl.load(chunk0_ptr + seq).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for c_rev in range(n_chunks):
+        c = n_chunks - 1 - c_rev
+        t0 = bos + c * BT
+        tl.store(ds_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets, dstate)
+        q_dec = _load_tile(qd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
+        do = _load_tile(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        total = tl.load(total_ptr + ((chunk0 + c) * H + i_h) * K + cols_k)
+        dstate = dstate * tl.exp(total)[:, None] + tl.dot(tl.trans(q_dec), do, input_precision=PREC)
+    if STORE_DH0:
+        tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + state_offsets, dstate)
+
+
+@triton.jit
+def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, dq_ptr, dk_ptr, dv_ptr, dgc_ptr, cu_ptr,
+                      chunks_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Split backward, parallel part: one (chunk, head), all of K and V (BV columns at a time), so dq and dk
+    need no atomics. di = A^T do + k_dec ds; the inter-chunk dq^ and dk before their decays (do S_prev^T,
+    i ds^T); and the chunk-boundary log-decay gradient sum_v S_end ds_end (S_end: the next chunk's entering
+    state), as the fused scan computes them."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
+    bos, eos = _seq_bounds(cu_ptr, seq)
+    t0 = bos + c * BT
+    rows, cols_k = tl.arange(0, BT), tl.arange(0, K)
+    not_last = c < tl.cdiv(eos - bos, BT) - 1
+    a_mask = ((t0 + rows) < eos)[:, None] & (rows[:, None] >= rows[None, :])
+    a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0).to(DOT)
+    k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
+    state_base = (i_c.to(tl.int64) * H + i_h) * K * V
+    dq = tl.zeros([BT, K], tl.float32)
+    dk = tl.zeros([BT, K], tl.float32)
+    boundary = tl.zeros([K], tl.float32)
+    for vb in tl.static_range(0, V, BV):
+        cols_v = vb + tl.arange(0, BV)
+        offsets = cols_k[:, None] * V + cols_v[None, :]
+        v = _load_tile(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        do = _load_tile(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        ds = tl.load(ds_ptr + state_base + offsets)
+        h_prev = tl.load(hs_ptr + state_base + offsets)
+        ds_dot = ds.to(DOT)
+        dv = tl.dot(tl.trans(a), do, input_precision=PREC) + tl.dot(k_dec, ds_dot, input_precision=PREC)
+        _store_rows(dv_ptr, dv, t0, eos, i_h, rows, cols_v, H, V)
+        dq += tl.dot(do, tl.trans(h_prev.to(DOT)), input_precision=PREC)
+        dk += tl.dot(v, tl.trans(ds_dot), input_precision=PREC)
+        h_end = tl.load(hs_ptr + state_base + H * K * V + offsets, mask=(cols_k[:, None] < K) & not_last, other=0.0)
+        boundary += tl.sum(h_end * ds, axis=1)
+    offsets = ((t0 + rows) * H + i_h)[:, None] * K + cols_k[None, :]
+    row_ok = ((t0 + rows) < eos)[:, None]
+    tl.store(dq_ptr + offsets, dq, mask=row_ok)
+    tl.store(dk_ptr + offsets, dk, mask=row_ok)
+    tl.store(dgc_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols_k, boundary, mask=(cols_k < K) & not_last)
+
+
+@triton.jit
 def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr,
                       dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
@@ -445,22 +518,34 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, saved, do, dht, 
     beta_arg = beta if has_beta else q
     block_v = _value_block(value_dim)
     num_v = triton.cdiv(value_dim, block_v)
+    split = CONFIG["bwd_scan"] == "split"
+    atomic = num_v > 1 and not split
     dq_inter = empty((tokens, heads, key_dim), torch.float32, q.device)
     dk_inter = empty((tokens, heads, key_dim), torch.float32, q.device)
-    if num_v > 1:  # accumulated atomically
-        dq_inter.zero_()
-        dk_inter.zero_()
     dgc = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
-    if num_v > 1:
-        dgc.zero_()
+    if atomic:  # the fused scan accumulates over the value blocks
+        for buffer in (dq_inter, dk_inter, dgc):
+            buffer.zero_()
     di = empty(i.shape, i.dtype, i.device)
     dh0 = empty(initial_state.shape, torch.float32, q.device) if initial_state is not None else None
-    _bwd_scan_kernel[(num_v, seqs.num_seqs * heads)](
-        q_dec, k_dec, totals, i, a, do, states, dht if dht is not None else q, dh0 if dh0 is not None else q,
-        dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunk_offsets, H=heads, K=key_dim, V=value_dim,
-        BT=CHUNK, BV=block_v, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        ATOMIC=num_v > 1, DOT=dot, PREC=prec, **_scan_launch(),
-    )
+    dht_arg, dh0_arg = (dht if dht is not None else q), (dh0 if dh0 is not None else q)
+    sizes = {"H": heads, "K": key_dim, "V": value_dim, "BT": CHUNK, "DOT": dot, "PREC": prec}
+    if split:
+        ds = empty(states.shape, torch.float32, q.device)
+        _bwd_dstate_kernel[(num_v, seqs.num_seqs * heads)](
+            q_dec, do, totals, dht_arg, dh0_arg, ds, seqs.cu_seqlens, seqs.chunk_offsets, BV=block_v,
+            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **sizes, **_scan_launch(),
+        )
+        _bwd_chunk_kernel[(seqs.num_chunks, heads)](
+            k_dec, i, a, do, states, ds, dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunks,
+            BV=min(32, value_dim), **sizes, num_warps=CONFIG["bwd_chunk_warps"],
+        )
+    else:
+        _bwd_scan_kernel[(num_v, seqs.num_seqs * heads)](
+            q_dec, k_dec, totals, i, a, do, states, dht_arg, dh0_arg, dq_inter, dk_inter, di, dgc,
+            seqs.cu_seqlens, seqs.chunk_offsets, BV=block_v, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+            ATOMIC=atomic, **sizes, **_scan_launch(),
+        )
     block_k = _key_block(key_dim)
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
@@ -521,7 +606,8 @@ def chunk_hgrn2(
     (``kernels.hgrn2.selfcheck``).
     """
     check_chunk_inputs(q, f_logit, i, lower_bound, initial_state, cu_seqlens)
-    selfcheck.verify_once(chunk_hgrn2, q, i, lower_bound)  # first use of this configuration on a GPU
+    # first use of this configuration on a GPU
+    selfcheck.verify_once(chunk_hgrn2, q, i, lower_bound, tuple(sorted(CONFIG.items())))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return ChunkHGRN2Function.apply(q, f_logit, i, lower_bound, scale, initial_state, output_final_state,
                                     cu_seqlens)

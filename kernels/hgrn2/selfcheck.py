@@ -2,11 +2,11 @@
 
 A compiler can get one launch configuration wrong without any error: Triton 3.6 did for the 4-warp bf16
 forward scan at head dim 64 (outputs 9% off, NaN at some lengths; docs/kernels.md). So the first time
-``chunk_hgrn2`` runs on a GPU with a given dtype, head count, head dims and bound, it runs the same compiled
-kernels (they are specialised on exactly those) on a small random problem — two chunks and a partial one,
-with and without autograd — against ``hgrn2_chunk_torch`` in float64, and raises if they disagree. After
-compilation this costs milliseconds, once per configuration and process. ``HGRN2_SKIP_KERNEL_CHECK=1``
-turns it off.
+``chunk_hgrn2`` runs on a GPU with a given dtype, head count, head dims, bound and launch settings, it runs
+the same compiled kernels (they are specialised on exactly those) on a small random problem — two chunks and
+a partial one, with and without autograd — against ``hgrn2_chunk_torch`` in float64, and raises if they
+disagree. After compilation this costs milliseconds, once per configuration and process.
+``HGRN2_SKIP_KERNEL_CHECK=1`` turns it off.
 """
 
 from __future__ import annotations
@@ -59,9 +59,11 @@ def kernel_errors(chunk_fn: Callable, dtype: torch.dtype, heads: int, key_dim: i
 
 
 def verify(chunk_fn: Callable, dtype: torch.dtype, heads: int, key_dim: int, value_dim: int, has_bound: bool,
-           device: torch.device | str) -> None:
-    """Check one configuration once per process; raise a RuntimeError that names it if it is wrong."""
-    key = (dtype, heads, key_dim, value_dim, has_bound, str(device))
+           device: torch.device | str, launch: tuple = ()) -> None:
+    """Check one configuration once per process; raise a RuntimeError that names it if it is wrong.
+
+    ``launch``: the kernels' launch settings (they change the compiled code too)."""
+    key = (dtype, heads, key_dim, value_dim, has_bound, str(device), launch)
     if key in _verified:
         return
     _verified.add(key)  # first: the check calls chunk_fn, which calls back here
@@ -87,10 +89,11 @@ def verify(chunk_fn: Callable, dtype: torch.dtype, heads: int, key_dim: int, val
         )
 
 
-def verify_once(chunk_fn: Callable, q: torch.Tensor, i: torch.Tensor, lower_bound: torch.Tensor | None) -> None:
+def verify_once(chunk_fn: Callable, q: torch.Tensor, i: torch.Tensor, lower_bound: torch.Tensor | None,
+                launch: tuple = ()) -> None:
     """``verify`` for the configuration of these inputs, on CUDA, outside graph capture and compilation."""
     if not q.is_cuda or os.environ.get("HGRN2_SKIP_KERNEL_CHECK") == "1":
         return
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return
-    verify(chunk_fn, q.dtype, q.shape[2], q.shape[3], i.shape[3], lower_bound is not None, q.device)
+    verify(chunk_fn, q.dtype, q.shape[2], q.shape[3], i.shape[3], lower_bound is not None, q.device, launch)
