@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.hgrn2 import chunk as chunk_module  # noqa: E402
 from kernels.hgrn2 import chunk_hgrn2, hgrn2_chunk_torch  # noqa: E402
+from kernels.hgrn2.testing import relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke test under TRITON_INTERPRET=1
 # (B, T, H, n): the model test's shape first, then the same with T a multiple of the chunk, then head dim 128
@@ -69,11 +70,6 @@ def run_with_grads(fn, inputs, do):
     return o.detach(), {name: x.grad for name, x in leaves.items()}
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return float("inf") if not torch.isfinite(a).all() else ((a - b).norm() / b.norm()).item()
-
-
 def worst_part(o, ref):
     """(chunk, its error) and (head, its error) of the output, errors relative to the part's own norm."""
     diff, ref = (o.double() - ref).float(), ref.float()
@@ -96,7 +92,7 @@ def check_case(shape, paths, seed=1):
     rows = {}
     for name, fn in paths.items():
         o, grads = run_with_grads(fn, inputs, do)
-        row = {"o": rel(o, ref_o), **{f"d{n}": rel(grads[n], ref_g[n]) for n in grads}}
+        row = {"o": relative_error(o, ref_o), **{f"d{n}": relative_error(grads[n], ref_g[n]) for n in grads}}
         if name == "ours":
             row.update(worst_part(o, ref_o))
         rows[name] = row
@@ -109,7 +105,7 @@ def check_no_grad(shape, seed=1):
     ref = reference(**{n: x.double() for n, x in inputs.items()})
     with torch.no_grad():
         o = ours(**inputs)
-    return {"o (no grad)": rel(o, ref), **worst_part(o, ref)}
+    return {"o (no grad)": relative_error(o, ref), **worst_part(o, ref)}
 
 
 def fp32_dot_config(dtype):
@@ -158,11 +154,11 @@ def model_check():
             ref_logits = ref_model(tokens[:, :-1]).float()
     finally:
         model_module.hgrn2_recurrence = original
-    result = {"logits": rel(logits, ref_logits), "layers": []}
+    result = {"logits": relative_error(logits, ref_logits), "layers": []}
     for q, f_logit, i, bound in captured:
         o = chunk_hgrn2(q, f_logit, i, bound)[0]
         ref = hgrn2_chunk_torch(*(x if x is None else x.double() for x in (q, f_logit, i, bound)))[0]
-        result["layers"].append({"o": rel(o, ref), **worst_part(o, ref),
+        result["layers"].append({"o": relative_error(o, ref), **worst_part(o, ref),
                                  "f_logit range": (f_logit.min().item(), f_logit.max().item()),
                                  "bound range": None if bound is None else (bound.min().item(), bound.max().item())})
     return result

@@ -25,10 +25,11 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernel_accuracy import check_case, fla_path, make_inputs, ours, rel  # noqa: E402
+from kernel_accuracy import check_case, fla_path, make_inputs, ours  # noqa: E402
 
 from kernels.hgrn2 import chunk as chunk_module  # noqa: E402
 from kernels.hgrn2 import chunk_hgrn2, decode_hgrn2  # noqa: E402
+from kernels.hgrn2.testing import relative_error  # noqa: E402
 
 SHAPES = [(8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (32, 2048, 8, 128)]
 DECODE_BATCHES = (1, 16, 128)
@@ -80,7 +81,8 @@ def fp32_check():
             ((o * do.to(dtype)).sum() + (ht * dht.to(dtype)).sum()).backward()
             results.append((o, ht, {k: v.grad for k, v in xs.items()}))
         (o, ht, g), (ro, rht, rg) = results
-        rows[name] = {"o": rel(o, ro), "final": rel(ht, rht), **{f"d{k}": rel(g[k], rg[k]) for k in g}}
+        rows[name] = {"o": relative_error(o, ro), "final": relative_error(ht, rht),
+                      **{f"d{k}": relative_error(g[k], rg[k]) for k in g}}
     return rows
 
 
@@ -158,7 +160,7 @@ def decode_row(batch, use_fla, heads=16, dim=128):
     ref = hgrn2_decode_reference(q.double(), f_logit.double(), i.double(), ref_state, lower_bound.double())
     check_state = state.clone()
     o = decode_hgrn2(q, f_logit, i, check_state, lower_bound)
-    row = {"err_o": rel(o, ref), "err_state": rel(check_state, ref_state)}
+    row = {"err_o": relative_error(o, ref), "err_state": relative_error(check_state, ref_state)}
     row["ours_us"] = graph_time_us(lambda: decode_hgrn2(q, f_logit, i, state, lower_bound, out=out))
     if use_fla:
         from fla.ops.gla import fused_recurrent_gla
