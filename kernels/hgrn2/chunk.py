@@ -52,7 +52,7 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 8,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
-          "grad_precision": "tf32", "bwd_scan": "fused", "bwd_chunk_warps": 8}
+          "grad_precision": "tf32", "bwd_scan": "split", "bwd_chunk_warps": 8}
 
 
 # ----------------------------------------------------------------------------------------------------------
