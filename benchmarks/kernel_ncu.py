@@ -1,7 +1,7 @@
 """One forward+backward of the Triton HGRN2 kernels inside a CUDA profiler range, for Nsight Compute.
 
     ncu --clock-control none --profile-from-start off --set full --import-source yes -o report \
-        python benchmarks/kernel_ncu.py --shape 8,2048,16,128 [--config '{"bwd_scan": "split"}']
+        python benchmarks/kernel_ncu.py --shape 8,2048,16,128 [--config '{"intra_bwd_warps": 4}']
     ncu -i report.ncu-rep --page details            # per-kernel throughput, occupancy, stall reasons
     ncu -i report.ncu-rep --page source --print-source cuda,sass --csv   # per-line / per-instruction samples
 

@@ -60,32 +60,22 @@ def _check(inputs, seed, cu_seqlens=None, scale=None, grad_tol=None):
     return errors, grad_errors
 
 
-@pytest.fixture(params=["fused", "split"])
-def bwd_scan(request):
-    """Both backward variants (chunk.CONFIG["bwd_scan"]): one reverse scan, or a sequential state-gradient
-    pass followed by a parallel per-chunk pass."""
-    saved = chunk.CONFIG["bwd_scan"]
-    chunk.CONFIG["bwd_scan"] = request.param
-    yield request.param
-    chunk.CONFIG["bwd_scan"] = saved
-
-
 @pytest.mark.parametrize(
     "batch,seq_len,heads,dim,bounded,with_h0",
     [
         (2, 37, 2, 32, True, True),  # one partial chunk, T not a multiple of the sub-chunk either
         (1, 150, 3, 16, False, False),  # three chunks, the last partial; no bound (layer 0)
-        (1, 83, 2, 64, True, False),  # two value blocks: the backward's atomic sums
+        (1, 83, 2, 64, True, False),  # two value blocks in the scans
         (1, 70, 1, 128, True, True),  # the paper's head dim
     ],
 )
-def test_chunk_matches_reference(batch, seq_len, heads, dim, bounded, with_h0, bwd_scan):
+def test_chunk_matches_reference(batch, seq_len, heads, dim, bounded, with_h0):
     seed, inputs = _inputs(batch, seq_len, heads, dim, dim, bounded, with_h0, batch)
     _check(inputs, seed)
 
 
 @pytest.mark.parametrize("with_h0,bounded", [(True, True), (False, False)])
-def test_chunk_varlen_three_documents(with_h0, bounded, bwd_scan):
+def test_chunk_varlen_three_documents(with_h0, bounded):
     """State resets at document boundaries inside one packed row (lengths 23, 77 and 41)."""
     cu_seqlens = [0, 23, 100, 141]
     seed, inputs = _inputs(1, 141, 2, 32, 32, bounded, with_h0, 3)
@@ -117,7 +107,7 @@ def test_chunk_custom_scale_and_no_final_state():
 
 
 @pytest.mark.parametrize("shift,spread,bounded", [(-30.0, 8.0, False), (-60.0, 20.0, True), (12.0, 4.0, False)])
-def test_chunk_extreme_gates(shift, spread, bounded, bwd_scan):
+def test_chunk_extreme_gates(shift, spread, bounded):
     """Forget-gate logits far below -20 (log f of -30 to -100 a step: a naive exp(-cumsum) overflows within a
     few steps) and far above 0 (f -> 1). Outputs and all gradients hold the usual relative tolerances, except
     d f_logit with no lower bound and f ~ e^-30: its exact value is ~f (tiny), while its log-decay part is

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.hgrn2 import chunk as chunk_module
 from kernels.hgrn2 import chunk_hgrn2, hgrn2_chunk_torch
 from kernels.hgrn2.testing import relative_error
 
@@ -29,9 +28,7 @@ def bf16_inputs(batch, seq_len, heads, dim):
 
 @pytest.mark.parametrize("batch,seq_len,heads,dim", [(4, 300, 4, 64), (4, 320, 4, 64), (2, 300, 2, 128),
                                                      (2, 200, 3, 32), (2, 130, 2, 16)])
-@pytest.mark.parametrize("bwd_scan", ["fused", "split"])
-def test_bf16_chunk_matches_float64(batch, seq_len, heads, dim, bwd_scan, monkeypatch):
-    monkeypatch.setitem(chunk_module.CONFIG, "bwd_scan", bwd_scan)
+def test_bf16_chunk_matches_float64(batch, seq_len, heads, dim):
     seed, inputs = bf16_inputs(batch, seq_len, heads, dim)
     leaves = {name: x.clone().requires_grad_() for name, x in inputs.items()}
     o, _ = chunk_hgrn2(**leaves)

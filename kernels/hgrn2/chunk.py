@@ -6,17 +6,19 @@ o_t = q^_t S_t splits per chunk into
     o = A i + (q^ * exp(cum)) S_prev,     A[t, s] = sum_k q^_tk k_sk exp(cum_tk - cum_sk)   (s <= t)
     S_next = exp(cum_last) * S_prev + (k * exp(cum_last - cum))^T i.
 Every exponent above is <= 0, so nothing overflows whatever the gates. A is built from 16-row sub-chunks: a
-pair of different sub-chunks factors exactly through the log-decay at the boundary between them (both
-factors <= 1); a sub-chunk with itself factors through its own start when its decay spans less than
-FACTOR_SPAN (factors <= e^60), and is otherwise summed one column at a time (exp of differences, <= 1).
+pair t, s of different sub-chunks m > j factors exactly into exp(decay from the start of m to t) * exp(decay
+from the end of j to the start of m) * exp(decay from s to the end of j), all <= 1; a sub-chunk with itself
+factors through its own start when its decay spans less than FACTOR_SPAN (factors <= e^60), and is otherwise
+summed one column at a time (exp of differences, <= 1).
 The decayed q^ * exp(cum) and k * exp(cum_last - cum) that the scans multiply are written by the intra
 kernel (input dtype); the cumulative decays themselves never leave the chip.
 
 Launches, forward:  intra (gates, A, decayed q/k; parallel over chunks) -> scan (sequential over chunks,
                     state in registers).
-Launches, backward: scan (reverse, state gradient in registers: di, the inter-chunk parts of dq, dk, and the
-                    chunk-boundary log-decay gradient) -> intra (parallel over chunks: the intra-chunk parts
-                    of dq, dk; dq; the log-decay gradient; d f_logit, d beta).
+Launches, backward: state-gradient scan (reverse, sequential over chunks: the state gradient at every chunk
+                    end) -> per-chunk pass (parallel: di, the inter-chunk parts of dq, dk, the chunk-boundary
+                    log-decay gradient) -> intra (parallel over chunks: the intra-chunk parts of dq, dk;
+                    dq; the log-decay gradient; d f_logit, d beta).
 """
 
 from __future__ import annotations
@@ -45,14 +47,11 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # Launch settings (warps, software-pipelining stages); the benchmark tries variants through this dict.
 # *_maxnreg caps registers per thread (None: ptxas decides); picked from ptxas spill reports and GPU sweeps
 # (docs/kernels.md).
-# bwd_scan: "fused" (one reverse scan per value block, dq/dk summed over two value blocks with atomics) or
-# "split" (a sequential pass storing the state gradient per chunk, then a parallel pass per chunk with all of
-# V: no atomics, more parallelism; not yet timed on a GPU, docs/kernels.md).
 # The scans always take 8 warps: with 4, Triton 3.6 miscompiled the bf16 forward scan at K 64 / BV 32 on the
 # H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 8,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
-          "grad_precision": "tf32", "bwd_scan": "split", "bwd_chunk_warps": 8}
+          "grad_precision": "tf32", "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 32}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,13 +101,6 @@ def _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H: tl.constexpr, K: t
 
 
 @triton.jit
-def _suffix(log_f):
-    """sum_{u > t} log f_u down the rows, as a reverse cumulative sum: near the end of the tile (where the
-    decays matter) it sums few terms, where ``total - cumsum`` would subtract two large, rounded numbers."""
-    return tl.cumsum(log_f, 0, reverse=True) - log_f
-
-
-@triton.jit
 def _seq_bounds(cu_ptr, seq):
     return tl.load(cu_ptr + seq).to(tl.int64), tl.load(cu_ptr + seq + 1).to(tl.int64)
 
@@ -120,12 +112,38 @@ def _row(tile, rows, j):
 
 
 @triton.jit
-def _block_start_cum(cum, rows, BC: tl.constexpr, NC: tl.constexpr):
-    """For every row, the cumulative log-decay just before its sub-chunk (0 for the first sub-chunk)."""
-    ref = tl.zeros_like(cum)
-    for m in tl.static_range(1, NC):
-        ref = tl.where((rows // BC == m)[:, None], _row(cum, rows, m * BC - 1)[None, :], ref)
-    return ref
+def _subchunk_decays(log_f, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """Log-decays of a [NC * BC, BK] tile of log f, split into NC sub-chunks of BC rows ([NC, BC, BK] views):
+    inside (sum up to and including the row, within its sub-chunk), rest (after the row, within its
+    sub-chunk), and per sub-chunk [NC, BK]: its total, the sum of the sub-chunks before it and after it.
+    Each is a sum of few terms (no difference of large rounded numbers); all are <= 0."""
+    lf = tl.reshape(log_f, [NC, BC, BK])
+    inside = tl.cumsum(lf, 1)
+    rest = tl.cumsum(lf, 1, reverse=True) - lf
+    total = tl.sum(lf, 1)
+    before = tl.cumsum(total, 0) - total
+    after = tl.cumsum(total, 0, reverse=True) - total
+    return inside, rest, total, before, after
+
+
+@triton.jit
+def _rows_of(per_subchunk, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """A [NC, BK] value per sub-chunk, repeated on each of its rows: [NC * BC, BK]."""
+    return tl.reshape(tl.broadcast_to(per_subchunk[:, None, :], [NC, BC, BK]), [NC * BC, BK])
+
+
+@triton.jit
+def _flat2(x, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    return tl.reshape(x, [NC * BC, BK])
+
+
+@triton.jit
+def _gap(before, end, sub, j, with_diagonal):
+    """Per sub-chunk m [NC, BK]: exp(before_m - end_j), the decay from the end of sub-chunk j to the start of m
+    (<= 1) for m after j; for m = j (only ``with_diagonal``) exp(-total_j), which the caller bounds; else 0."""
+    end_j = tl.sum(tl.where((sub == j)[:, None], end, 0.0), axis=0)
+    first = tl.where(with_diagonal, j, j + 1)
+    return tl.exp(tl.where((sub >= first)[:, None], before - end_j[None, :], float("-inf")))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,42 +156,45 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
     """One chunk: A [BT, BT], the scan's operands q^ exp(cum) and k exp(cum_last - cum), and the chunk's total
     log-decay, BK key columns at a time (the gates of each row computed once).
 
-    A's blocks below the diagonal factor through the boundary before the later sub-chunk m (reference r_m):
-    one masked product per m, every exponent <= 0. Diagonal blocks factor through their own start when the
-    decay spans less than FACTOR_SPAN in this column block, else they are summed one column at a time.
+    With q~ = q^ exp(inside) and k~ = k exp(rest) (both <= their inputs), a pair t in sub-chunk m, s in
+    sub-chunk j <= m is q~_t gap(m, j) k~_s, gap = exp(before_m - end_j), the decay between the end of j and
+    the start of m (<= 1 for m > j): one product per column sub-chunk j. For m = j, gap = exp(-total_j) can be
+    large, so it is used only when the decay spans less than FACTOR_SPAN in every sub-chunk of this column
+    block; otherwise the diagonal sub-chunks are summed one column at a time. Two full-tile exponentials per
+    element; every other decay is a per-sub-chunk vector.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     NC: tl.constexpr = BT // BC
     t0 = bos + c * BT
-    rows = tl.arange(0, BT)
+    rows, sub = tl.arange(0, BT), tl.arange(0, NC)
     blk = rows // BC
-    lower_diag = (blk[:, None] == blk[None, :]) & (rows[:, None] >= rows[None, :])
     a = tl.zeros([BT, BT], tl.float32)
-    for kb in tl.static_range(0, K, BK):
+    for kb in range(0, K, BK):  # a loop, not unrolled: the unrolled kernel stalled on instruction fetch
         cols = kb + tl.arange(0, BK)
         log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
-        cum = tl.cumsum(log_f, 0)
         q = _load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale
-        _store_rows(qd_ptr, q * tl.exp(cum), t0, eos, i_h, rows, cols, H, K)
-        _store_rows(kd_ptr, k * tl.exp(_suffix(log_f)), t0, eos, i_h, rows, cols, H, K)
-        tl.store(total_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, tl.sum(log_f, 0))
-        for m in tl.static_range(1, NC):
-            r = _row(cum, rows, m * BC - 1)[None, :]
-            q_m = q * tl.exp(tl.where((blk == m)[:, None], cum - r, float("-inf")))
-            k_m = k * tl.exp(tl.where((blk < m)[:, None], r - cum, float("-inf")))
-            a += tl.dot(q_m.to(DOT), tl.trans(k_m.to(DOT)), input_precision=PREC)
-        ref = _block_start_cum(cum, rows, BC, NC)
-        if tl.max(tl.max(ref - cum, axis=1), axis=0) < FACTOR_SPAN:
-            q_d, k_d = (q * tl.exp(cum - ref)).to(DOT), (k * tl.exp(ref - cum)).to(DOT)
-            a += tl.where(lower_diag, tl.dot(q_d, tl.trans(k_d), input_precision=PREC), 0.0)
-        else:  # one column s at a time: exp(cum_t - cum_s) for t >= s in s's sub-chunk
-            for j in range(BT):
-                in_block = ((blk == j // BC) & (rows >= j))[:, None]
-                decay = tl.exp(tl.where(in_block, cum - _row(cum, rows, j)[None, :], float("-inf")))
-                a_col = tl.sum(q * _row(k, rows, j)[None, :] * decay, axis=1)
-                a += tl.where((rows == j)[None, :], a_col[:, None], 0.0)
+        inside, rest, total, before, after = _subchunk_decays(log_f, NC, BC, BK)
+        q_in = tl.reshape(q, [NC, BC, BK]) * tl.exp(inside)
+        k_rest = tl.reshape(k, [NC, BC, BK]) * tl.exp(rest)
+        _store_rows(qd_ptr, _flat2(q_in * tl.exp(before)[:, None, :], NC, BC, BK), t0, eos, i_h, rows, cols, H, K)
+        _store_rows(kd_ptr, _flat2(k_rest * tl.exp(after)[:, None, :], NC, BC, BK), t0, eos, i_h, rows, cols, H, K)
+        tl.store(total_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, tl.sum(total, 0))
+        factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
+        end = before + total
+        for j in tl.static_range(0, NC):  # the columns of sub-chunk j
+            q_gap = _flat2(q_in * _gap(before, end, sub, j, factored)[:, None, :], NC, BC, BK)
+            k_j = _flat2(tl.where((sub == j)[:, None, None], k_rest, 0.0), NC, BC, BK)
+            a += tl.dot(q_gap.to(DOT), tl.trans(k_j.to(DOT)), input_precision=PREC)
+        if not factored:  # the diagonal sub-chunks one column s at a time: exp(inside_t - inside_s), t >= s
+            inside2 = _flat2(inside, NC, BC, BK)
+            for s in range(BT):
+                in_block = ((blk == s // BC) & (rows >= s))[:, None]
+                decay = tl.exp(tl.where(in_block, inside2 - _row(inside2, rows, s)[None, :], float("-inf")))
+                a_col = tl.sum(q * _row(k, rows, s)[None, :] * decay, axis=1)
+                a += tl.where((rows == s)[None, :], a_col[:, None], 0.0)
+    a = tl.where(rows[:, None] >= rows[None, :], a, 0.0)  # the diagonal sub-chunks' products cover s > t too
     a_ptrs, a_mask = _tile_ptrs(a_ptr, t0, eos, i_h, rows, rows, H, BT)
     tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=a_mask)
 
@@ -219,69 +240,6 @@ def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_
 # ----------------------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
-def _bwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, dht_ptr, dh0_ptr, dq_ptr, dk_ptr,
-                     dv_ptr, dgc_ptr, cu_ptr, chunk0_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                     BT: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                     ATOMIC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """Reverse walk with the state gradient dS [K, BV] in registers.
-
-    Writes di (complete: the program holds all of K); the inter-chunk parts of dq^ and dk before their decays
-    (do S_prev^T and i dS^T, which the intra backward multiplies by exp(cum) and exp(cum_last - cum)),
-    partial over this value block: added atomically when two value blocks exist (0 + a + b is exact in either
-    order); and the chunk-boundary log-decay gradient sum_v S dS.
-    """
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    seq, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_ptr, seq)
-    rows, cols_k, cols_v = tl.arange(0, BT), tl.arange(0, K), i_v * BV + tl.arange(0, BV)
-    state_offsets = cols_k[:, None] * V + cols_v[None, :]
-    causal = rows[:, None] >= rows[None, :]
-    dstate = tl.zeros([K, BV], tl.float32)
-    if HAS_DHT:
-        dstate = tl.load(dht_ptr + i_nh.to(tl.int64) * K * V + state_offsets)
-    chunk0 = tl.load(chunk0_ptr + seq).to(tl.int64)
-    n_chunks = tl.cdiv(eos - bos, BT)
-    for c_rev in range(n_chunks):
-        c = n_chunks - 1 - c_rev
-        t0 = bos + c * BT
-        q_dec = _load_tile(qd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
-        k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
-        v = _load_tile(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
-        do = _load_tile(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
-        a_mask = ((t0 + rows) < eos)[:, None] & causal
-        a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
-        total = tl.load(total_ptr + ((chunk0 + c) * H + i_h) * K + cols_k)
-        h_prev32 = tl.load(hs_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets)
-        dstate_dot = dstate.to(DOT)
-
-        dv = tl.dot(tl.trans(a.to(DOT)), do, input_precision=PREC)
-        dv += tl.dot(k_dec, dstate_dot, input_precision=PREC)
-        _store_rows(dv_ptr, dv, t0, eos, i_h, rows, cols_v, H, V)
-        dq = tl.dot(do, tl.trans(h_prev32.to(DOT)), input_precision=PREC)
-        dk = tl.dot(v, tl.trans(dstate_dot), input_precision=PREC)
-        offsets = ((t0 + rows) * H + i_h)[:, None] * K + cols_k[None, :]
-        row_ok = ((t0 + rows) < eos)[:, None]
-        if ATOMIC:
-            tl.atomic_add(dq_ptr + offsets, dq, mask=row_ok)
-            tl.atomic_add(dk_ptr + offsets, dk, mask=row_ok)
-        else:
-            tl.store(dq_ptr + offsets, dq, mask=row_ok)
-            tl.store(dk_ptr + offsets, dk, mask=row_ok)
-        dstate = dstate * tl.exp(total)[:, None] + tl.dot(tl.trans(q_dec), do, input_precision=PREC)
-        # Gradient of the log-decay accumulated over all later positions, for positions up to the end of the
-        # previous chunk: sum_v S_end * dS_end there (S_end = this chunk's entering state). Exact, and free of
-        # the cancellation a sequence-long sum of q dq - k dk would accumulate.
-        boundary = tl.sum(h_prev32 * dstate, axis=1)
-        boundary_ptrs = dgc_ptr + ((chunk0 + c - 1) * H + i_h) * K + cols_k
-        if ATOMIC:
-            tl.atomic_add(boundary_ptrs, boundary, mask=(cols_k < K) & (c > 0))
-        else:
-            tl.store(boundary_ptrs, boundary, mask=(cols_k < K) & (c > 0))
-    if STORE_DH0:
-        tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + state_offsets, dstate)
-
-
 @triton.jit
 def _bwd_dstate_kernel(qd_ptr, do_ptr, total_ptr, dht_ptr, dh0_ptr, ds_ptr, cu_ptr, chunk0_ptr, H: tl.constexpr,
                        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
@@ -358,64 +316,88 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                       GRAD_DOT: tl.constexpr, GRAD_PREC: tl.constexpr):
-    """One chunk and BK key columns: intra-chunk dq^ and dk (A's factorisation with D = do i^T), plus the
-    inter-chunk parts from the backward scan with their decays; dq; then the log-decay gradient (reverse
-    cumulative sum of q^ dq^ - k dk inside the chunk plus the boundary term from the scan) and, with the
-    gradient through k, d f_logit and this chunk's share of d beta.
+    """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
+    factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
+    their decays; dq; then the log-decay gradient (reverse cumulative sum of q^ dq^ - k dk inside the chunk
+    plus the boundary term from the per-chunk pass) and, with the gradient through k, d f_logit and this
+    chunk's share of d beta.
 
     The products that form dq^ and dk take GRAD_DOT operands (fp32, tf32 products for bf16 inputs): the
     log-decay gradient is the small difference q^ dq^ - k dk, and bf16-rounded operands there made d f_logit
     3x and d beta 20x less accurate than fla (measured; docs/kernels.md)."""
-    i_c, i_kb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
-    NC: tl.constexpr = BT // BC
     t0 = bos + c * BT
-    rows, cols, cols_v = tl.arange(0, BT), i_kb * BK + tl.arange(0, BK), tl.arange(0, V)
+    rows, cols_v = tl.arange(0, BT), tl.arange(0, V)
     blk = rows // BC
-    lower_diag = (blk[:, None] == blk[None, :]) & (rows[:, None] >= rows[None, :])
-
-    log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
-    cum = tl.cumsum(log_f, 0)
-    suffix = _suffix(log_f)
-    q = _load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale
+    not_last = c < tl.cdiv(eos - bos, BT) - 1
     do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
-    d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s
+    d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s, shared by the key blocks
+    d_causal = tl.where(rows[:, None] >= rows[None, :], d, 0.0).to(GRAD_DOT)
+    for kb in range(0, K, BK):
+        _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
+                             d_causal, i_c, i_h, seq, t0, eos, not_last, kb + tl.arange(0, BK), rows, blk,
+                             scale, H, K, BT, BC, BK, HAS_BETA, HAS_DGT, GRAD_DOT, GRAD_PREC)
 
+
+@triton.jit
+def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
+                         d_causal, i_c, i_h, seq, t0, eos, not_last, cols, rows, blk, scale, H: tl.constexpr,
+                         K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                         HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, GRAD_DOT: tl.constexpr,
+                         GRAD_PREC: tl.constexpr):
+    """_intra_bwd_kernel's work on key columns ``cols``."""
+    NC: tl.constexpr = BT // BC
+    sub = tl.arange(0, NC)
+    log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
+    q = _load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale
+    inside, rest, total, before, after = _subchunk_decays(log_f, NC, BC, BK)
+    exp_inside, exp_rest = tl.exp(inside), tl.exp(rest)
+    q_in = tl.reshape(q, [NC, BC, BK]) * exp_inside
+    k_rest = _flat2(tl.reshape(k, [NC, BC, BK]) * exp_rest, NC, BC, BK).to(GRAD_DOT)
+
+    # pairs (t in sub-chunk m, s in j <= m): q~_t gap(m, j) k~_s as in the forward, one j at a time; the
+    # factors exp(inside_t) and exp(rest_s) are applied once, after the sums
+    factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
+    end = before + total
+    q_in2 = _flat2(q_in, NC, BC, BK)
     dq = tl.zeros([BT, BK], tl.float32)
     dk = tl.zeros([BT, BK], tl.float32)
-    for m in tl.static_range(1, NC):  # pairs (t in sub-chunk m, s before it), through the boundary before m
-        r = _row(cum, rows, m * BC - 1)[None, :]
-        decay_t = tl.exp(tl.where((blk == m)[:, None], cum - r, float("-inf")))
-        decay_s = tl.exp(tl.where((blk < m)[:, None], r - cum, float("-inf")))
-        d_m = tl.where((blk == m)[:, None] & (blk < m)[None, :], d, 0.0).to(GRAD_DOT)
-        dq += decay_t * tl.dot(d_m, (k * decay_s).to(GRAD_DOT), input_precision=GRAD_PREC)
-        dk += decay_s * tl.dot(tl.trans(d_m), (q * decay_t).to(GRAD_DOT), input_precision=GRAD_PREC)
-    ref = _block_start_cum(cum, rows, BC, NC)
-    if tl.max(tl.max(ref - cum, axis=1), axis=0) < FACTOR_SPAN:
-        down, up = tl.exp(cum - ref), tl.exp(ref - cum)
-        d_d = tl.where(lower_diag, d, 0.0).to(GRAD_DOT)
-        dq += down * tl.dot(d_d, (k * up).to(GRAD_DOT), input_precision=GRAD_PREC)
-        dk += up * tl.dot(tl.trans(d_d), (q * down).to(GRAD_DOT), input_precision=GRAD_PREC)
-    else:  # one column s at a time
-        for j in range(BT):
-            in_block = ((blk == j // BC) & (rows >= j))[:, None]
-            decay = tl.exp(tl.where(in_block, cum - _row(cum, rows, j)[None, :], float("-inf")))
-            weighted = tl.sum(tl.where((rows == j)[None, :], d, 0.0), axis=1)[:, None] * decay
-            dq += weighted * _row(k, rows, j)[None, :]
-            dk += tl.where((rows == j)[:, None], tl.sum(weighted * q, axis=0)[None, :], 0.0)
-    dq += tl.exp(cum) * _load_rows(dq_ptr, t0, eos, i_h, rows, cols, H, K)
-    dk += tl.exp(suffix) * _load_rows(dk_ptr, t0, eos, i_h, rows, cols, H, K)
+    for j in tl.static_range(0, NC):
+        gap = _rows_of(_gap(before, end, sub, j, factored), NC, BC, BK)
+        in_j = (blk == j)[:, None]
+        dq += gap * tl.dot(d_causal, tl.where(in_j, k_rest, 0.0), input_precision=GRAD_PREC)
+        dk_j = tl.dot(tl.trans(d_causal), (q_in2 * gap).to(GRAD_DOT), input_precision=GRAD_PREC)
+        dk += tl.where(in_j, dk_j, 0.0)
+    dq *= _flat2(exp_inside, NC, BC, BK)
+    dk *= _flat2(exp_rest, NC, BC, BK)
+    if not factored:  # the diagonal sub-chunks one column s at a time
+        inside2 = _flat2(inside, NC, BC, BK)
+        for s in range(BT):
+            in_block = ((blk == s // BC) & (rows >= s))[:, None]
+            decay = tl.exp(tl.where(in_block, inside2 - _row(inside2, rows, s)[None, :], float("-inf")))
+            d_col = tl.sum(tl.where((rows == s)[None, :], d_causal.to(tl.float32), 0.0), axis=1)
+            weighted = d_col[:, None] * decay
+            dq += weighted * _row(k, rows, s)[None, :]
+            dk += tl.where((rows == s)[:, None], tl.sum(weighted * q, axis=0)[None, :], 0.0)
+    # the inter-chunk parts: exp(cum) = exp(before + inside), exp(cum_last - cum) = exp(rest + after)
+    dq += _flat2(exp_inside * tl.exp(before)[:, None, :], NC, BC, BK) * _load_rows(dq_ptr, t0, eos, i_h, rows, cols,
+                                                                                     H, K)
+    dk += _flat2(exp_rest * tl.exp(after)[:, None, :], NC, BC, BK) * _load_rows(dk_ptr, t0, eos, i_h, rows, cols,
+                                                                                 H, K)
     _store_rows(dq_out_ptr, dq * scale, t0, eos, i_h, rows, cols, H, K)
 
     # Log-decay gradient of row t: everything later in the chunk, plus the boundary term (all later chunks).
-    not_last = c < tl.cdiv(eos - bos, BT) - 1
     carry = tl.load(dgc_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, mask=(cols < K) & not_last, other=0.0)
     if HAS_DGT:
         last = tl.load(dgt_ptr + (seq.to(tl.int64) * H + i_h) * K + cols)
         carry = tl.where(not_last, carry, last)
-    grad_log_f = tl.cumsum(q * dq - k * dk, 0, reverse=True) + carry[None, :]
+    z = tl.reshape(q * dq - k * dk, [NC, BC, BK])
+    z_total = tl.sum(z, 1)
+    later = tl.cumsum(z_total, 0, reverse=True) - z_total + carry[None, :]
+    grad_log_f = _flat2(tl.cumsum(z, 1, reverse=True) + later[:, None, :], NC, BC, BK)
     x = _load_rows(x_ptr, t0, eos, i_h, rows, cols, H, K)
     beta = 0.0
     if HAS_BETA:
@@ -453,7 +435,7 @@ def _grad_dot_config(dtype: torch.dtype, dot, prec) -> dict:
 
 
 def _value_block(value_dim: int) -> int:
-    """At most two value blocks, so the atomic sums of the backward scan stay exact and deterministic."""
+    """Value columns per scan program: two blocks from V = 64 on (twice the programs of one; docs/kernels.md)."""
     if CONFIG["block_v"]:
         return min(CONFIG["block_v"], value_dim)
     return max(16, value_dim // 2) if value_dim >= 64 else value_dim
@@ -467,8 +449,9 @@ def _scan_launch() -> dict:
     return {"num_warps": CONFIG["scan_warps"], "num_stages": CONFIG["scan_stages"], **_maxnreg("scan_maxnreg")}
 
 
-def _key_block(key_dim: int) -> int:
-    return min(32, key_dim)
+def _key_block(key_dim: int, setting: str) -> int:
+    """Key columns per step of the intra kernels' loop (registers grow with it; CONFIG sets it)."""
+    return min(CONFIG[setting], key_dim)
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -492,7 +475,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
     _intra_fwd_kernel[(seqs.num_chunks, heads)](
         q, f_logit, beta_arg, a, q_dec, k_dec, totals, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim,
-        BT=CHUNK, BC=SUB_CHUNK, BK=_key_block(key_dim), HAS_BETA=has_beta, DOT=dot, PREC=prec,
+        BT=CHUNK, BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_fwd_block_k"), HAS_BETA=has_beta, DOT=dot, PREC=prec,
         num_warps=CONFIG["intra_fwd_warps"], **_maxnreg("intra_fwd_maxnreg"),
     )
     o = empty(i.shape, i.dtype, i.device)
@@ -518,43 +501,31 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, saved, do, dht, 
     beta_arg = beta if has_beta else q
     block_v = _value_block(value_dim)
     num_v = triton.cdiv(value_dim, block_v)
-    split = CONFIG["bwd_scan"] == "split"
-    atomic = num_v > 1 and not split
     dq_inter = empty((tokens, heads, key_dim), torch.float32, q.device)
     dk_inter = empty((tokens, heads, key_dim), torch.float32, q.device)
     dgc = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
-    if atomic:  # the fused scan accumulates over the value blocks
-        for buffer in (dq_inter, dk_inter, dgc):
-            buffer.zero_()
     di = empty(i.shape, i.dtype, i.device)
     dh0 = empty(initial_state.shape, torch.float32, q.device) if initial_state is not None else None
     dht_arg, dh0_arg = (dht if dht is not None else q), (dh0 if dh0 is not None else q)
     sizes = {"H": heads, "K": key_dim, "V": value_dim, "BT": CHUNK, "DOT": dot, "PREC": prec}
-    if split:
-        ds = empty(states.shape, torch.float32, q.device)
-        _bwd_dstate_kernel[(num_v, seqs.num_seqs * heads)](
-            q_dec, do, totals, dht_arg, dh0_arg, ds, seqs.cu_seqlens, seqs.chunk_offsets, BV=block_v,
-            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **sizes, **_scan_launch(),
-        )
-        _bwd_chunk_kernel[(seqs.num_chunks, heads)](
-            k_dec, i, a, do, states, ds, dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunks,
-            BV=min(32, value_dim), **sizes, num_warps=CONFIG["bwd_chunk_warps"],
-        )
-    else:
-        _bwd_scan_kernel[(num_v, seqs.num_seqs * heads)](
-            q_dec, k_dec, totals, i, a, do, states, dht_arg, dh0_arg, dq_inter, dk_inter, di, dgc,
-            seqs.cu_seqlens, seqs.chunk_offsets, BV=block_v, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-            ATOMIC=atomic, **sizes, **_scan_launch(),
-        )
-    block_k = _key_block(key_dim)
+    ds = empty(states.shape, torch.float32, q.device)
+    _bwd_dstate_kernel[(num_v, seqs.num_seqs * heads)](
+        q_dec, do, totals, dht_arg, dh0_arg, ds, seqs.cu_seqlens, seqs.chunk_offsets, BV=block_v,
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **sizes, **_scan_launch(),
+    )
+    _bwd_chunk_kernel[(seqs.num_chunks, heads)](
+        k_dec, i, a, do, states, ds, dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunks,
+        BV=min(32, value_dim), **sizes, num_warps=CONFIG["bwd_chunk_warps"],
+    )
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
     dgt = (dht * final).sum(-1) if dht is not None else None  # the final state's gradient on the last decay
     dbeta_chunks = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
-    _intra_bwd_kernel[(seqs.num_chunks, triton.cdiv(key_dim, block_k), heads)](
+    _intra_bwd_kernel[(seqs.num_chunks, heads)](
         q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dgc, dgt if dgt is not None else q, dq, dx,
         dbeta_chunks, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK,
-        BC=SUB_CHUNK, BK=block_k, HAS_BETA=has_beta, HAS_DGT=dgt is not None, DOT=dot, PREC=prec,
+        BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_bwd_block_k"), HAS_BETA=has_beta, HAS_DGT=dgt is not None,
+        DOT=dot, PREC=prec,
         **_grad_dot_config(q.dtype, dot, prec),
         num_warps=CONFIG["intra_bwd_warps"], **_maxnreg("intra_bwd_maxnreg"),
     )
