@@ -4,7 +4,9 @@ Written with plain autograd, ``(x32 * rsqrt(mean(x32²) + eps) * w).to(dtype)`` 
 input and the fp32 normalised tensor for the backward (8 bytes per element on top of the input), and
 ``silu(gate) * up`` keeps the gate, its swish and ``up``. These functions compute the same forward values
 with the same operations, save only the inputs (and, for the norm, one fp32 scale per row) and recompute the
-rest in the backward: at the 150m preset that is about 15 KB less per token and layer (docs/model.md).
+rest in the backward: at the 150m preset that is about 15 KB less per token and layer (docs/model.md). On
+CUDA the norm (unsharded) and the swish product run as Triton kernels (``kernels.rms_norm``,
+``kernels.swish_product``) that save the same tensors.
 ``linear_cross_entropy_sum`` forms the LM head's logits, the loss and both gradients a chunk of tokens at a
 time, so the [tokens, vocab] logits never exist whole.
 """
@@ -14,6 +16,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+import kernels.rms_norm
+import kernels.swish_product
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -57,6 +62,10 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group=None, full_size: int | None = None):
+    """On CUDA (and unsharded) the Triton kernels of ``kernels.rms_norm``: same saved tensors, one pass each
+    way instead of about ten elementwise kernels in the backward."""
+    if x.is_cuda and group is None:
+        return kernels.rms_norm.rms_norm(x, weight, eps)
     return RMSNormFunction.apply(x, weight, eps, group, full_size)
 
 
@@ -79,6 +88,9 @@ class SwishProductFunction(torch.autograd.Function):
 
 
 def swish_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """On CUDA the Triton kernels of ``kernels.swish_product`` (one elementwise pass each way)."""
+    if gate.is_cuda and gate.dtype == up.dtype:
+        return kernels.swish_product.swish_product(gate, up)
     return SwishProductFunction.apply(gate, up)
 
 
