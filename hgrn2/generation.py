@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,27 +44,42 @@ def sample_next(
 
 
 class _GraphedStep:
-    """``model.step`` captured in a CUDA graph over static token and state buffers."""
+    """``model.step`` captured in a CUDA graph over its own static token and state buffers."""
 
     def __init__(self, model: HGRN2LM, state: torch.Tensor) -> None:
-        self.model = model
-        self.state = state
+        self.state = state.clone()
         self.tokens = torch.zeros(state.shape[1], dtype=torch.long, device=state.device)
-        saved = state.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph: compiles kernels, allocates
-            model.step(self.tokens, state)
+            model.step(self.tokens, self.state)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits, _ = model.step(self.tokens, state)
-        state.copy_(saved)
+            self.logits, _ = model.step(self.tokens, self.state)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
         self.graph.replay()
         return self.logits
+
+
+# Captured steps per model, reused by later ``generate`` calls (a capture costs far more than a step). The key
+# holds every parameter's address: a graph reads the weights in place, so moving or casting the model (new
+# storage) must not replay an old graph, while in-place updates (an optimizer step) are seen by it.
+_GRAPHED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graphed_step(model: HGRN2LM, state: torch.Tensor) -> _GraphedStep:
+    """The cached captured step for this model and state shape, its state set to ``state``."""
+    key = (tuple(state.shape), state.dtype, state.device, tuple(p.data_ptr() for p in model.parameters()))
+    steps = _GRAPHED_STEPS.setdefault(model, {})
+    if key not in steps:
+        steps.clear()  # at most one captured step per model: each holds its own graph memory pool
+        steps[key] = _GraphedStep(model, state)
+    step = steps[key]
+    step.state.copy_(state)
+    return step
 
 
 @torch.no_grad()
@@ -81,7 +97,8 @@ def generate(
     """Continue each prompt row by ``max_new_tokens`` tokens.
 
     Rows that emit ``eos_token_id`` keep emitting it. With a ``seed`` the result is deterministic.
-    ``use_cuda_graph`` replays the per-token step as one CUDA graph (CUDA only).
+    ``use_cuda_graph`` replays the per-token step as one CUDA graph (CUDA only), captured on the first call
+    and reused by later calls with the same batch size (``graphed_step``).
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be [batch, prompt_len] with prompt_len > 0, got {tuple(prompt_ids.shape)}")
@@ -94,7 +111,7 @@ def generate(
     model.eval()
     state = model.init_state(prompt_ids.shape[0], device=prompt_ids.device)
     logits, state = model(prompt_ids, state=state, return_state=True)
-    step = _GraphedStep(model, state) if use_cuda_graph else (lambda tokens: model.step(tokens, state)[0])
+    step = graphed_step(model, state) if use_cuda_graph else (lambda tokens: model.step(tokens, state)[0])
     next_logits = logits[:, -1]
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
     generated = []

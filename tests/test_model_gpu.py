@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hgrn2 import HGRN2LM, preset
+from hgrn2 import HGRN2LM, generation, preset
 
 pytestmark = pytest.mark.gpu
 
@@ -48,6 +48,11 @@ def test_graph_captured_generation_equals_eager():
     eager = ours.generate(prompt, 24, temperature=0)
     graphed = ours.generate(prompt, 24, temperature=0, use_cuda_graph=True)
     assert torch.equal(eager, graphed)
+    (captured,) = generation._GRAPHED_STEPS[ours].values()
+    other_prompt = torch.randint(0, ours.config.vocab_size, (3, 9), device="cuda")
+    again = ours.generate(other_prompt, 24, temperature=0, use_cuda_graph=True)  # the cached graph, new state
+    assert list(generation._GRAPHED_STEPS[ours].values()) == [captured]
+    assert torch.equal(again, ours.generate(other_prompt, 24, temperature=0))
     with torch.no_grad():
         logits = ours(graphed[:, :-1])
     assert (logits[:, 16:].argmax(-1) == graphed[:, 17:]).float().mean().item() >= 0.95

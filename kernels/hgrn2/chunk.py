@@ -49,9 +49,9 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # (docs/kernels.md).
 # The scans always take 8 warps: with 4, Triton 3.6 miscompiled the bf16 forward scan at K 64 / BV 32 on the
 # H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
-CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 8,
+CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
-          "grad_precision": "tf32", "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 32}
+          "grad_precision": "tf32", "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16}
 
 
 # ----------------------------------------------------------------------------------------------------------
