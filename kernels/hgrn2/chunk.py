@@ -51,7 +51,7 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
-          "grad_precision": "tf32", "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16}
+          "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,14 +424,10 @@ def _dot_config(dtype: torch.dtype):
     return tl.bfloat16, "tf32"
 
 
-def _grad_dot_config(dtype: torch.dtype, dot, prec) -> dict:
-    """Operands of the intra backward's dq/dk products: fp32 with IEEE products for fp32 inputs; for bf16,
-    CONFIG["grad_precision"]: "tf32" (fp32 operands, tf32 products: default) or "bf16" (as the rest)."""
-    if dtype == torch.float32:
-        return {"GRAD_DOT": tl.float32, "GRAD_PREC": "ieee"}
-    if CONFIG["grad_precision"] == "bf16":
-        return {"GRAD_DOT": dot, "GRAD_PREC": prec}
-    return {"GRAD_DOT": tl.float32, "GRAD_PREC": CONFIG["grad_precision"]}
+def _grad_dot_config(dtype: torch.dtype) -> dict:
+    """Operands of the intra backward's dq/dk products: fp32 always; IEEE products for fp32 inputs, tf32 for
+    bf16 (bf16 operands cost 3x in d f_logit, and in v6 gave wrong results on the H200: docs/kernels.md)."""
+    return {"GRAD_DOT": tl.float32, "GRAD_PREC": "ieee" if dtype == torch.float32 else "tf32"}
 
 
 def _value_block(value_dim: int) -> int:
@@ -526,7 +522,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, saved, do, dht, 
         dbeta_chunks, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK,
         BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_bwd_block_k"), HAS_BETA=has_beta, HAS_DGT=dgt is not None,
         DOT=dot, PREC=prec,
-        **_grad_dot_config(q.dtype, dot, prec),
+        **_grad_dot_config(q.dtype),
         num_warps=CONFIG["intra_bwd_warps"], **_maxnreg("intra_bwd_maxnreg"),
     )
     dbeta = dbeta_chunks.sum(0) if has_beta else None
