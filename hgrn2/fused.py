@@ -62,9 +62,9 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group=None, full_size: int | None = None):
-    """On CUDA (and unsharded) the Triton kernels of ``kernels.rms_norm``: same saved tensors, one pass each
-    way instead of about ten elementwise kernels in the backward."""
-    if x.is_cuda and group is None:
+    """On CUDA (unsharded, fp32/bf16/fp16) the Triton kernels of ``kernels.rms_norm``: same saved tensors, one
+    pass each way instead of about ten elementwise kernels in the backward."""
+    if x.is_cuda and group is None and x.dtype != torch.float64:
         return kernels.rms_norm.rms_norm(x, weight, eps)
     return RMSNormFunction.apply(x, weight, eps, group, full_size)
 
@@ -88,8 +88,8 @@ class SwishProductFunction(torch.autograd.Function):
 
 
 def swish_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """On CUDA the Triton kernels of ``kernels.swish_product`` (one elementwise pass each way)."""
-    if gate.is_cuda and gate.dtype == up.dtype:
+    """On CUDA (fp32/bf16/fp16) the Triton kernels of ``kernels.swish_product`` (one pass each way)."""
+    if gate.is_cuda and gate.dtype == up.dtype and gate.dtype != torch.float64:
         return kernels.swish_product.swish_product(gate, up)
     return SwishProductFunction.apply(gate, up)
 

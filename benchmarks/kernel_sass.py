@@ -1,0 +1,129 @@
+"""Compile the heavy HGRN2 kernels for sm_90 without a GPU: registers, spills, and where the SASS comes from.
+
+    python benchmarks/kernel_sass.py [--kernels intra_fwd,intra_bwd,bwd_chunk] [--config '{"intra_bwd_warps": 8}']
+
+At the benchmark's first shape (H 16, n 128, bf16 inputs, with a lower bound) and the launch settings of
+``kernels.hgrn2.chunk.CONFIG`` (updated by ``--config``), each kernel is compiled with Triton for sm_90 and
+reported: registers and spill bytes (ptxas -v), SASS instructions, and the source lines (ours and Triton's
+standard library) that produce the most instructions. The counts are static, not time: a line inside the
+key-block loop runs K / BK times per program. Between GPU sessions this shows what a change does to register
+pressure and code size; time it on the GPU (benchmarks/kernels.py, benchmarks/kernel_ncu.py) before keeping it.
+Uses the ptxas and nvdisasm that ship with Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels.hgrn2 import chunk  # noqa: E402
+from kernels.hgrn2.utils import SUB_CHUNK  # noqa: E402
+
+HEADS, DIM = 16, 128
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+SIZES = {"H": HEADS, "K": DIM, "V": DIM, "BT": chunk.CHUNK}
+
+
+def kernel_specs() -> dict:
+    """Per kernel: (JIT function, argument types, constexpr values, launch options), as chunk.py launches them."""
+    config = chunk.CONFIG
+    cu = {"cu_ptr": "*i32", "chunks_ptr": "*i32"}
+    intra_fwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "a_ptr": "*bf16", "qd_ptr": "*bf16",
+                 "kd_ptr": "*bf16", "total_ptr": "*fp32", **cu, "scale": "fp32"}
+    intra_bwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "v_ptr": "*bf16", "do_ptr": "*bf16",
+                 "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", "dgt_ptr": "*fp32", "dq_out_ptr": "*bf16",
+                 "dx_ptr": "*bf16", "dbeta_ptr": "*fp32", **cu, "scale": "fp32"}
+    bwd_chunk = {"kd_ptr": "*bf16", "v_ptr": "*bf16", "a_ptr": "*bf16", "do_ptr": "*bf16", "hs_ptr": "*fp32",
+                 "ds_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dv_ptr": "*bf16", "dgc_ptr": "*fp32", **cu}
+    dots = {"DOT": tl.bfloat16, "PREC": "tf32"}
+    return {
+        "intra_fwd": (chunk._intra_fwd_kernel, intra_fwd,
+                      {"H": HEADS, "K": DIM, "BT": chunk.CHUNK, "BC": SUB_CHUNK, "BK": config["intra_fwd_block_k"],
+                       "HAS_BETA": True, **dots},
+                      {"num_warps": config["intra_fwd_warps"], "maxnreg": config["intra_fwd_maxnreg"]}),
+        "intra_bwd": (chunk._intra_bwd_kernel, intra_bwd,
+                      {**SIZES, "BC": SUB_CHUNK, "BK": config["intra_bwd_block_k"], "HAS_BETA": True,
+                       "HAS_DGT": False, **dots, "GRAD_DOT": tl.float32, "GRAD_PREC": "tf32"},
+                      {"num_warps": config["intra_bwd_warps"], "maxnreg": config["intra_bwd_maxnreg"]}),
+        "bwd_chunk": (chunk._bwd_chunk_kernel, bwd_chunk, {**SIZES, "BV": 32, **dots},
+                      {"num_warps": config["bwd_chunk_warps"], "maxnreg": None}),
+    }
+
+
+def compile_for_hopper(fn, arg_types: dict, constexprs: dict, options: dict):
+    signature = {**arg_types, **{name: "constexpr" for name in constexprs}}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    options = {name: value for name, value in options.items() if value is not None}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
+
+
+def ptxas_report(ptx: str) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+        handle.write(ptx)
+    result = subprocess.run([BIN / "ptxas", "-arch=sm_90a", "-v", handle.name, "-o", os.devnull],
+                            capture_output=True, text=True)
+    return "; ".join(line.split("info    : ")[-1].strip() for line in result.stderr.splitlines()
+                     if "Used" in line or "spill" in line)
+
+
+def sass_by_line(cubin: bytes) -> tuple[int, collections.Counter, dict]:
+    """Instruction count, instructions per (file, line), and the most frequent opcodes per line."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+        handle.write(cubin)
+    listing = subprocess.run([BIN / "nvdisasm", "-g", "-c", handle.name], capture_output=True, text=True).stdout
+    per_line, opcodes, where, total = collections.Counter(), collections.defaultdict(collections.Counter), None, 0
+    for text in listing.splitlines():
+        marker = re.search(r'//## File "([^"]+)", line (\d+)', text)
+        if marker:
+            where = (marker.group(1), int(marker.group(2)))
+            continue
+        instruction = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(@\S+\s+)?([A-Z0-9_.]+)", text)
+        if instruction and where:
+            total += 1
+            per_line[where] += 1
+            opcodes[where][instruction.group(2).split(".")[0]] += 1
+    return total, per_line, opcodes
+
+
+def source_text(path: str, line: int) -> str:
+    try:
+        return Path(path).read_text().splitlines()[line - 1].strip()[:80]
+    except (OSError, IndexError):
+        return ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", default="intra_fwd,intra_bwd,bwd_chunk")
+    parser.add_argument("--config", default="{}", help="a JSON dict merged into kernels.hgrn2.chunk.CONFIG")
+    parser.add_argument("--lines", type=int, default=15, help="source lines to list per kernel")
+    args = parser.parse_args()
+    chunk.CONFIG.update(json.loads(args.config))
+    specs = kernel_specs()
+    for name in args.kernels.split(","):
+        fn, arg_types, constexprs, options = specs[name]
+        compiled = compile_for_hopper(fn, arg_types, constexprs, options)
+        total, per_line, opcodes = sass_by_line(compiled.asm["cubin"])
+        print(f"== {name} {options}: {total} SASS instructions; {ptxas_report(compiled.asm['ptx'])}")
+        for (path, line), count in per_line.most_common(args.lines):
+            top = ", ".join(f"{op} {n}" for op, n in opcodes[(path, line)].most_common(3))
+            print(f"{count:6d}  {Path(path).name}:{line:<5d} {source_text(path, line):80s}  [{top}]")
+
+
+if __name__ == "__main__":
+    main()
