@@ -58,7 +58,7 @@ def kernel_specs() -> dict:
                       {"num_warps": config["intra_fwd_warps"], "maxnreg": config["intra_fwd_maxnreg"]}),
         "intra_bwd": (chunk._intra_bwd_kernel, intra_bwd,
                       {**SIZES, "BC": SUB_CHUNK, "BK": config["intra_bwd_block_k"], "HAS_BETA": True,
-                       "HAS_DGT": False, **dots, "GRAD_DOT": tl.float32, "GRAD_PREC": "tf32"},
+                       "HAS_DGT": False, **dots, "GRAD_PREC": "tf32"},
                       {"num_warps": config["intra_bwd_warps"], "maxnreg": config["intra_bwd_maxnreg"]}),
         "bwd_chunk": (chunk._bwd_chunk_kernel, bwd_chunk, {**SIZES, "BV": 32, **dots},
                       {"num_warps": config["bwd_chunk_warps"], "maxnreg": None}),

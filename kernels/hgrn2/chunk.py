@@ -315,14 +315,14 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
                       dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                      GRAD_DOT: tl.constexpr, GRAD_PREC: tl.constexpr):
+                      GRAD_PREC: tl.constexpr):
     """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
     factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
     their decays; dq; then the log-decay gradient (reverse cumulative sum of q^ dq^ - k dk inside the chunk
     plus the boundary term from the per-chunk pass) and, with the gradient through k, d f_logit and this
     chunk's share of d beta.
 
-    The products that form dq^ and dk take GRAD_DOT operands (fp32, tf32 products for bf16 inputs): the
+    The products that form dq^ and dk take fp32 operands (GRAD_PREC: tf32 products for bf16 inputs): the
     log-decay gradient is the small difference q^ dq^ - k dk, and bf16-rounded operands there made d f_logit
     3x and d beta 20x less accurate than fla (measured; docs/kernels.md)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -335,19 +335,18 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
     do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s, shared by the key blocks
-    d_causal = tl.where(rows[:, None] >= rows[None, :], d, 0.0).to(GRAD_DOT)
+    d_causal = tl.where(rows[:, None] >= rows[None, :], d, 0.0)
     for kb in range(0, K, BK):
         _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
                              d_causal, i_c, i_h, seq, t0, eos, not_last, kb + tl.arange(0, BK), rows, blk,
-                             scale, H, K, BT, BC, BK, HAS_BETA, HAS_DGT, GRAD_DOT, GRAD_PREC)
+                             scale, H, K, BT, BC, BK, HAS_BETA, HAS_DGT, GRAD_PREC)
 
 
 @triton.jit
 def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
                          d_causal, i_c, i_h, seq, t0, eos, not_last, cols, rows, blk, scale, H: tl.constexpr,
                          K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                         HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, GRAD_DOT: tl.constexpr,
-                         GRAD_PREC: tl.constexpr):
+                         HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, GRAD_PREC: tl.constexpr):
     """_intra_bwd_kernel's work on key columns ``cols``."""
     NC: tl.constexpr = BT // BC
     sub = tl.arange(0, NC)
@@ -356,7 +355,7 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_pt
     inside, rest, total, before, after = _subchunk_decays(log_f, NC, BC, BK)
     exp_inside, exp_rest = tl.exp(inside), tl.exp(rest)
     q_in = tl.reshape(q, [NC, BC, BK]) * exp_inside
-    k_rest = _flat2(tl.reshape(k, [NC, BC, BK]) * exp_rest, NC, BC, BK).to(GRAD_DOT)
+    k_rest = _flat2(tl.reshape(k, [NC, BC, BK]) * exp_rest, NC, BC, BK)
 
     # pairs (t in sub-chunk m, s in j <= m): q~_t gap(m, j) k~_s as in the forward, one j at a time; the
     # factors exp(inside_t) and exp(rest_s) are applied once, after the sums
@@ -369,7 +368,7 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_pt
         gap = _rows_of(_gap(before, end, sub, j, factored), NC, BC, BK)
         in_j = (blk == j)[:, None]
         dq += gap * tl.dot(d_causal, tl.where(in_j, k_rest, 0.0), input_precision=GRAD_PREC)
-        dk_j = tl.dot(tl.trans(d_causal), (q_in2 * gap).to(GRAD_DOT), input_precision=GRAD_PREC)
+        dk_j = tl.dot(tl.trans(d_causal), q_in2 * gap, input_precision=GRAD_PREC)
         dk += tl.where(in_j, dk_j, 0.0)
     dq *= _flat2(exp_inside, NC, BC, BK)
     dk *= _flat2(exp_rest, NC, BC, BK)
@@ -378,7 +377,7 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_pt
         for s in range(BT):
             in_block = ((blk == s // BC) & (rows >= s))[:, None]
             decay = tl.exp(tl.where(in_block, inside2 - _row(inside2, rows, s)[None, :], float("-inf")))
-            d_col = tl.sum(tl.where((rows == s)[None, :], d_causal.to(tl.float32), 0.0), axis=1)
+            d_col = tl.sum(tl.where((rows == s)[None, :], d_causal, 0.0), axis=1)
             weighted = d_col[:, None] * decay
             dq += weighted * _row(k, rows, s)[None, :]
             dk += tl.where((rows == s)[:, None], tl.sum(weighted * q, axis=0)[None, :], 0.0)
@@ -424,10 +423,10 @@ def _dot_config(dtype: torch.dtype):
     return tl.bfloat16, "tf32"
 
 
-def _grad_dot_config(dtype: torch.dtype) -> dict:
-    """Operands of the intra backward's dq/dk products: fp32 always; IEEE products for fp32 inputs, tf32 for
-    bf16 (bf16 operands cost 3x in d f_logit, and in v6 gave wrong results on the H200: docs/kernels.md)."""
-    return {"GRAD_DOT": tl.float32, "GRAD_PREC": "ieee" if dtype == torch.float32 else "tf32"}
+def _grad_precision(dtype: torch.dtype) -> str:
+    """Products of the intra backward's dq/dk (fp32 operands always): IEEE for fp32 inputs, tf32 for bf16
+    (bf16 operands cost 3x in d f_logit, and in v6 gave wrong results on the H200: docs/kernels.md)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _value_block(value_dim: int) -> int:
@@ -522,7 +521,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, saved, do, dht, 
         dbeta_chunks, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK,
         BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_bwd_block_k"), HAS_BETA=has_beta, HAS_DGT=dgt is not None,
         DOT=dot, PREC=prec,
-        **_grad_dot_config(q.dtype),
+        GRAD_PREC=_grad_precision(q.dtype),
         num_warps=CONFIG["intra_bwd_warps"], **_maxnreg("intra_bwd_maxnreg"),
     )
     dbeta = dbeta_chunks.sum(0) if has_beta else None
