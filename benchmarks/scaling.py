@@ -13,8 +13,11 @@ Every layout trains the same model on random tokens (bf16 on CUDA; the data pipe
 with the trainer's engines (``pretrain.engine.LocalEngine``, ``pretrain.parallel.ParallelEngine``), the
 same micro-batch per GPU, and one micro-batch per step per data-parallel rank. It times ``--steps``
 optimizer steps after ``--warmup`` (Triton autotuning and compilation happen there) and reports the
-median step time. Efficiency: DP=2 tokens/s over 2 × one GPU's (goal ≥ 95%); TP=2 per-GPU tokens/s
-over one GPU's (TP trades throughput for memory). Copy the table into docs/perf.md.
+median step time with the 10th and 90th percentiles (the spread shows how much of a gap is the machine's
+jitter). Efficiency: DP=2 tokens/s over 2 × one GPU's (goal ≥ 95%); TP=2 per-GPU tokens/s over one GPU's
+(TP trades throughput for memory). ``single-zero2`` is one GPU through the same DeepSpeed ZeRO-2 engine as
+DP=2, with no communication: the difference to ``single`` is the engine's own cost. Copy the table into
+docs/perf.md.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 
 LAYOUTS = {
     "single": dict(nproc=1, tensor=1, zero=0),
+    "single-zero2": dict(nproc=1, tensor=1, zero=2),
     "tp2": dict(nproc=2, tensor=2, zero=1),
     "dp2-zero2": dict(nproc=2, tensor=1, zero=2),
 }
@@ -102,6 +106,7 @@ def worker(args) -> None:
             times.append(time.perf_counter() - start)
     world = layout["nproc"]
     step_time = statistics.median(times)
+    deciles = statistics.quantiles(times, n=10) if len(times) > 1 else [step_time] * 9
     global_tokens = cfg.batch.global_batch_size * args.seq_length
     result = {
         "layout": args.worker,
@@ -110,6 +115,7 @@ def worker(args) -> None:
         "micro_batch_per_gpu": args.micro_batch,
         "seq_length": args.seq_length,
         "step_time_s": step_time,
+        "step_time_p10_p90_s": [deciles[0], deciles[-1]],
         "tokens_per_s": global_tokens / step_time,
         "tokens_per_s_per_gpu": global_tokens / step_time / world,
         "final_loss": stats.loss,
@@ -137,7 +143,7 @@ def driver(args) -> None:
             "--precision", args.precision, "--worker", name, "--result", str(result_file),
         ]
         script = str(Path(__file__).resolve())
-        if layout["nproc"] == 1:
+        if layout["nproc"] == 1 and layout["zero"] == 0:  # LocalEngine: no process group
             command = [sys.executable, script, *passthrough]
         else:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -147,7 +153,7 @@ def driver(args) -> None:
         subprocess.run(command, check=True, env=env)
         results[name] = json.loads(result_file.read_text())
     single = results.get("single")
-    print("\n| layout | GPUs | step s | tokens/s | tokens/s per GPU | efficiency | peak GiB |")
+    print("\n| layout | GPUs | step s (p10–p90) | tokens/s | tokens/s per GPU | efficiency | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         efficiency = ""
@@ -155,7 +161,8 @@ def driver(args) -> None:
             ideal = single["tokens_per_s"] * r["world"]
             efficiency = f"{100 * r['tokens_per_s'] / ideal:.1f}% of {r['world']}× one GPU"
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-        print(f"| {name} | {r['world']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+        low, high = r["step_time_p10_p90_s"]
+        print(f"| {name} | {r['world']} | {r['step_time_s']:.3f} ({low:.3f}–{high:.3f}) | {r['tokens_per_s']:,.0f} | "
               f"{r['tokens_per_s_per_gpu']:,.0f} | {efficiency} | {memory} |")
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")
