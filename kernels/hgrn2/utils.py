@@ -15,19 +15,28 @@ SUB_CHUNK = 16  # rows of the diagonal blocks handled element-wise (the stable p
 
 # ----------------------------------------------------------------------------------------------------------
 # Gate math, shared by every kernel. x = f_logit (fp32); beta = lower bound (fp32, broadcast along rows).
-#   sigma(x) and sigma(-x) through 1 / (1 + exp(-+x)): exact to an ulp for any x (inf -> 0, no NaN).
-#   log f = logsigmoid(x) without a bound, log(beta + (1 - beta) sigma(x)) with one;
+#   One exponential per element: e = exp(-|x|) <= 1 gives sigma(x) and sigma(-x) as 1 / (1 + e) and
+#   e / (1 + e), each exact to a few ulp for any x (e -> 0 for |x| -> inf: no overflow, no NaN).
+#   log f = logsigmoid(x) = min(x, 0) - log(1 + e) without a bound, log(beta + (1 - beta) sigma(x)) with one;
 #   k = 1 - f = (1 - beta) sigma(-x): no cancellation when f is close to 1 (a plain 1 - exp(log f) would
 #   lose relative accuracy exactly where beta pushes f towards 1).
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _sigmoids(x):
+    """(sigma(x), sigma(-x), exp(-|x|)) from one exponential."""
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    positive = x >= 0
+    return tl.where(positive, r, e * r), tl.where(positive, e * r, r), e
+
+
+@triton.jit
 def gate_log_f_and_k(x, beta, HAS_BETA: tl.constexpr):
     """Returns (log f, k) for logits x."""
-    log_sig = tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
-    sig_neg = 1.0 / (1.0 + tl.exp(x))
+    sig, sig_neg, e = _sigmoids(x)
+    log_sig = tl.minimum(x, 0.0) - tl.log(1.0 + e)
     if HAS_BETA:
-        f = beta + (1.0 - beta) * tl.exp(log_sig)
-        log_f = tl.where(beta > 0, tl.log(f), log_sig)
+        log_f = tl.where(beta > 0, tl.log(beta + (1.0 - beta) * sig), log_sig)
         k = (1.0 - beta) * sig_neg
     else:
         log_f = log_sig
@@ -38,8 +47,7 @@ def gate_log_f_and_k(x, beta, HAS_BETA: tl.constexpr):
 @triton.jit
 def gate_jacobians(x, beta, HAS_BETA: tl.constexpr):
     """Returns (d log f / dx, d log f / d beta, d k / dx, d k / d beta) for logits x."""
-    sig = 1.0 / (1.0 + tl.exp(-x))
-    sig_neg = 1.0 / (1.0 + tl.exp(x))
+    sig, sig_neg, _ = _sigmoids(x)
     if HAS_BETA:
         f = beta + (1.0 - beta) * sig
         # beta > 0 keeps f >= beta > 0; at beta == 0 the ratio (1 - beta) sigma / f is exactly 1.
