@@ -11,8 +11,8 @@ One layout alone (what the driver starts, under torchrun for two processes):
 
 Every layout trains the same model on random tokens (bf16 on CUDA; the data pipeline is not timed)
 with the trainer's engines (``pretrain.engine.LocalEngine``, ``pretrain.parallel.ParallelEngine``), the
-same micro-batch per GPU, and one micro-batch per step per data-parallel rank. It times ``--steps``
-optimizer steps after ``--warmup`` (Triton autotuning and compilation happen there) and reports the
+same micro-batch per GPU, and ``--accumulation`` micro-batches (default 1) per step per data-parallel rank.
+It times ``--steps`` optimizer steps after ``--warmup`` (Triton autotuning and compilation happen there) and reports the
 median step time with the 10th and 90th percentiles (the spread shows how much of a gap is the machine's
 jitter). Efficiency: DP=2 tokens/s over 2 × one GPU's (goal ≥ 95%); TP=2 per-GPU tokens/s over one GPU's
 (TP trades throughput for memory). ``single-zero2`` is one GPU through the same DeepSpeed ZeRO-2 engine as
@@ -52,6 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per GPU per step")
     parser.add_argument("--seq-length", type=int, default=2048)
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="micro-batches per optimizer step per data-parallel rank (gradient accumulation)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
@@ -72,7 +74,7 @@ def train_config(args, layout: dict):
         "schedule": {"name": "constant"},
         "batch": {
             "micro_batch_size": args.micro_batch,
-            "global_batch_size": args.micro_batch * dp,
+            "global_batch_size": args.micro_batch * dp * args.accumulation,
             "seq_length": args.seq_length,
         },
         "run": {"steps": args.warmup + args.steps, "precision": args.precision},
@@ -94,12 +96,12 @@ def worker(args) -> None:
     shape = (args.micro_batch, args.seq_length + 1)
     times = []
     for step in range(args.warmup + args.steps):
-        tokens = torch.randint(0, args.vocab_size, shape, generator=generator)
-        batch = Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+        draws = [torch.randint(0, args.vocab_size, shape, generator=generator) for _ in range(args.accumulation)]
+        batches = [Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()) for tokens in draws]
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        stats = engine.train_step([batch])
+        stats = engine.train_step(batches)
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
@@ -113,6 +115,7 @@ def worker(args) -> None:
         "world": world,
         "preset": args.preset,
         "micro_batch_per_gpu": args.micro_batch,
+        "accumulation": args.accumulation,
         "seq_length": args.seq_length,
         "step_time_s": step_time,
         "step_time_p10_p90_s": [deciles[0], deciles[-1]],
@@ -139,6 +142,7 @@ def driver(args) -> None:
         result_file = out.with_name(f"{out.stem}.{name}.json")
         passthrough = [
             "--preset", args.preset, "--vocab-size", str(args.vocab_size), "--micro-batch", str(args.micro_batch),
+            "--accumulation", str(args.accumulation),
             "--seq-length", str(args.seq_length), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--precision", args.precision, "--worker", name, "--result", str(result_file),
         ]
