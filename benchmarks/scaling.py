@@ -153,7 +153,9 @@ def driver(args) -> None:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                        str(layout["nproc"]), script, *passthrough]
         print("$", " ".join(command), flush=True)
-        env = {**os.environ, **NCCL_ENV, "PYTHONPATH": str(ROOT)}
+        # the repository first, then whatever the caller's path had (e.g. wheels installed with --target)
+        python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, **NCCL_ENV, "PYTHONPATH": python_path}
         subprocess.run(command, check=True, env=env)
         results[name] = json.loads(result_file.read_text())
     single = results.get("single")
