@@ -51,7 +51,8 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
-          "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16}
+          "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
+          "fast_log": True, "concat": True, "state_split": True}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,16 +89,51 @@ def _store_rows(ptr, value, t0, eos, i_h, rows, cols, H: tl.constexpr, D: tl.con
 
 
 @triton.jit
-def _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H: tl.constexpr, K: tl.constexpr,
-                HAS_BETA: tl.constexpr):
-    """(log f, k) of a tile; rows past eos get log f = 0 and k = 0 (no decay, no input)."""
-    x = _load_rows(x_ptr, t0, eos, i_h, rows, cols, H, K)
+def _key_rows(t0, eos, i_h, rows, H: tl.constexpr, K: tl.constexpr):
+    """Per row of a chunk: the offset of its key vector in a [tokens, H, K] tensor and whether it lies inside
+    the sequence. Computed once per program; the key-block loops add the columns (K is a multiple of BK)."""
+    t = t0 + rows
+    return (t * H + i_h) * K, t < eos
+
+
+@triton.jit
+def _load_key_block(ptr, row_base, row_ok, cols):
+    """Columns cols of the rows _key_rows describes, as fp32 (0 past the sequence's end)."""
+    return tl.load(ptr + row_base[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_key_block(ptr, value, row_base, row_ok, cols):
+    tl.store(ptr + row_base[:, None] + cols[None, :], value.to(ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K: tl.constexpr, HAS_BETA: tl.constexpr,
+                FAST_LOG: tl.constexpr):
+    """(log f, k) of a key block; rows past eos get log f = 0 and k = 0 (no decay, no input)."""
+    x = _load_key_block(x_ptr, row_base, row_ok, cols)
     beta = 0.0
     if HAS_BETA:
         beta = tl.load(beta_ptr + i_h * K + cols).to(tl.float32)[None, :]
-    log_f, k = gate_log_f_and_k(x, beta, HAS_BETA)
-    valid = ((t0 + rows) < eos)[:, None]
-    return tl.where(valid, log_f, 0.0), tl.where(valid, k, 0.0)
+    log_f, k = gate_log_f_and_k(x, beta, HAS_BETA, FAST_LOG)
+    return tl.where(row_ok[:, None], log_f, 0.0), tl.where(row_ok[:, None], k, 0.0)
+
+
+@triton.jit
+def _dot_unrounded(a, b, SPLIT_A: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b where one fp32 operand (a if SPLIT_A, else b) must keep more than bf16's 8 significant bits: with
+    SPLIT (bf16 operands) it is split into hi + lo bf16 parts and multiplied twice (~16 bits); the other
+    operand must be exact in bf16. Used where the chunk states meet the log-decay gradient (docs/kernels.md,
+    d beta accuracy)."""
+    if SPLIT:
+        if SPLIT_A:
+            hi = a.to(tl.bfloat16)
+            lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
+            return tl.dot(hi, b, input_precision=PREC) + tl.dot(lo, b, input_precision=PREC)
+        hi = b.to(tl.bfloat16)
+        lo = (b - hi.to(tl.float32)).to(tl.bfloat16)
+        return tl.dot(a, hi, input_precision=PREC) + tl.dot(a, lo, input_precision=PREC)
+    return tl.dot(a.to(DOT), b.to(DOT), input_precision=PREC)
 
 
 @triton.jit
@@ -146,13 +182,37 @@ def _gap(before, end, sub, j, with_diagonal):
     return tl.exp(tl.where((sub >= first)[:, None], before - end_j[None, :], float("-inf")))
 
 
+@triton.jit
+def _gap_columns(before, end, factored, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """Every _gap at once, laid out for one product over all column sub-chunks: [NC * BC, NC * BK], row t and
+    column block j hold gap(m_t, j) = exp(before_m - end_j) (0 for j after m; at j = m only if ``factored``)."""
+    m = tl.arange(0, NC)[:, None, None]
+    j = tl.arange(0, NC)[None, :, None]
+    valid = tl.where(factored, m >= j, m > j)
+    gaps = tl.exp(tl.where(valid, before[:, None, :] - end[None, :, :], float("-inf")))
+    return tl.reshape(tl.broadcast_to(gaps[:, None, :, :], [NC, BC, NC, BK]), [NC * BC, NC * BK])
+
+
+@triton.jit
+def _repeat_columns(x, BT: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr):
+    """[BT, BK] -> [BT, NC * BK]: x repeated in each of NC column blocks."""
+    return tl.reshape(tl.broadcast_to(x[:, None, :], [BT, NC, BK]), [BT, NC * BK])
+
+
+@triton.jit
+def _sum_column_blocks(x, BT: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr):
+    """[BT, NC * BK] -> [BT, BK]: the sum of the NC column blocks."""
+    return tl.sum(tl.reshape(x, [BT, NC, BK]), 1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale,
                       H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, FAST_LOG: tl.constexpr,
+                      CONCAT: tl.constexpr):
     """One chunk: A [BT, BT], the scan's operands q^ exp(cum) and k exp(cum_last - cum), and the chunk's total
     log-decay, BK key columns at a time (the gates of each row computed once).
 
@@ -170,23 +230,31 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
     t0 = bos + c * BT
     rows, sub = tl.arange(0, BT), tl.arange(0, NC)
     blk = rows // BC
+    row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
     a = tl.zeros([BT, BT], tl.float32)
     for kb in range(0, K, BK):  # a loop, not unrolled: the unrolled kernel stalled on instruction fetch
         cols = kb + tl.arange(0, BK)
-        log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
-        q = _load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale
+        log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
+        q = _load_key_block(q_ptr, row_base, row_ok, cols) * scale
         inside, rest, total, before, after = _subchunk_decays(log_f, NC, BC, BK)
         q_in = tl.reshape(q, [NC, BC, BK]) * tl.exp(inside)
         k_rest = tl.reshape(k, [NC, BC, BK]) * tl.exp(rest)
-        _store_rows(qd_ptr, _flat2(q_in * tl.exp(before)[:, None, :], NC, BC, BK), t0, eos, i_h, rows, cols, H, K)
-        _store_rows(kd_ptr, _flat2(k_rest * tl.exp(after)[:, None, :], NC, BC, BK), t0, eos, i_h, rows, cols, H, K)
+        _store_key_block(qd_ptr, _flat2(q_in * tl.exp(before)[:, None, :], NC, BC, BK), row_base, row_ok, cols)
+        _store_key_block(kd_ptr, _flat2(k_rest * tl.exp(after)[:, None, :], NC, BC, BK), row_base, row_ok, cols)
         tl.store(total_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, tl.sum(total, 0))
         factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
         end = before + total
-        for j in tl.static_range(0, NC):  # the columns of sub-chunk j
-            q_gap = _flat2(q_in * _gap(before, end, sub, j, factored)[:, None, :], NC, BC, BK)
-            k_j = _flat2(tl.where((sub == j)[:, None, None], k_rest, 0.0), NC, BC, BK)
-            a += tl.dot(q_gap.to(DOT), tl.trans(k_j.to(DOT)), input_precision=PREC)
+        if CONCAT:  # all column sub-chunks in one product: [BT, NC * BK] operands, column block j for sub-chunk j
+            q_gap = _repeat_columns(_flat2(q_in, NC, BC, BK), BT, NC, BK) * _gap_columns(before, end, factored,
+                                                                                         NC, BC, BK)
+            own = blk[:, None] == (tl.arange(0, NC * BK) // BK)[None, :]
+            k_own = tl.where(own, _repeat_columns(_flat2(k_rest, NC, BC, BK), BT, NC, BK), 0.0)
+            a += tl.dot(q_gap.to(DOT), tl.trans(k_own.to(DOT)), input_precision=PREC)
+        else:
+            for j in tl.static_range(0, NC):  # the columns of sub-chunk j
+                q_gap = _flat2(q_in * _gap(before, end, sub, j, factored)[:, None, :], NC, BC, BK)
+                k_j = _flat2(tl.where((sub == j)[:, None, None], k_rest, 0.0), NC, BC, BK)
+                a += tl.dot(q_gap.to(DOT), tl.trans(k_j.to(DOT)), input_precision=PREC)
         if not factored:  # the diagonal sub-chunks one column s at a time: exp(inside_t - inside_s), t >= s
             inside2 = _flat2(inside, NC, BC, BK)
             for s in range(BT):
@@ -203,7 +271,7 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
 def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_ptr, hs_ptr, cu_ptr, chunk0_ptr,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                      HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, DOT: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, SPLIT: tl.constexpr):
     """One (sequence, head, value block): walk the chunks, carrying the [K, BV] state in registers.
 
     The gates were applied by the intra kernel (decayed q^ and k, chunk totals), so each step is loads and
@@ -224,7 +292,7 @@ def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_
         if STORE_HS:  # the state entering each chunk, for the backward pass
             tl.store(hs_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets, state)
         q_dec = _load_tile(qd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
-        k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
+        k_dec = _load_rows(kd_ptr, t0, eos, i_h, rows, cols_k, H, K)  # fp32: see _dot_unrounded
         v = _load_tile(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
         a_mask = ((t0 + rows) < eos)[:, None] & causal
         a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
@@ -232,7 +300,7 @@ def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_
         o = tl.dot(a.to(DOT), v, input_precision=PREC)
         o += tl.dot(q_dec, state.to(DOT), input_precision=PREC)
         _store_rows(o_ptr, o, t0, eos, i_h, rows, cols_v, H, V)
-        state = state * tl.exp(total)[:, None] + tl.dot(tl.trans(k_dec), v, input_precision=PREC)
+        state = state * tl.exp(total)[:, None] + _dot_unrounded(tl.trans(k_dec), v, True, DOT, PREC, SPLIT)
     if STORE_HT:
         tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + state_offsets, state)
 
@@ -271,7 +339,7 @@ def _bwd_dstate_kernel(qd_ptr, do_ptr, total_ptr, dht_ptr, dh0_ptr, ds_ptr, cu_p
 @triton.jit
 def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, dq_ptr, dk_ptr, dv_ptr, dgc_ptr, cu_ptr,
                       chunks_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
     """Split backward, parallel part: one (chunk, head), all of K and V (BV columns at a time), so dq and dk
     need no atomics. di = A^T do + k_dec ds; the inter-chunk dq^ and dk before their decays (do S_prev^T,
     i ds^T); and the chunk-boundary log-decay gradient sum_v S_end ds_end (S_end: the next chunk's entering
@@ -299,8 +367,8 @@ def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, dq_ptr, dk_p
         ds_dot = ds.to(DOT)
         dv = tl.dot(tl.trans(a), do, input_precision=PREC) + tl.dot(k_dec, ds_dot, input_precision=PREC)
         _store_rows(dv_ptr, dv, t0, eos, i_h, rows, cols_v, H, V)
-        dq += tl.dot(do, tl.trans(h_prev.to(DOT)), input_precision=PREC)
-        dk += tl.dot(v, tl.trans(ds_dot), input_precision=PREC)
+        dq += _dot_unrounded(do, tl.trans(h_prev), False, DOT, PREC, SPLIT)
+        dk += _dot_unrounded(v, tl.trans(ds), False, DOT, PREC, SPLIT)
         h_end = tl.load(hs_ptr + state_base + H * K * V + offsets, mask=(cols_k[:, None] < K) & not_last, other=0.0)
         boundary += tl.sum(h_end * ds, axis=1)
     offsets = ((t0 + rows) * H + i_h)[:, None] * K + cols_k[None, :]
@@ -315,7 +383,7 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
                       dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                      GRAD_PREC: tl.constexpr):
+                      GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, CONCAT: tl.constexpr):
     """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
     factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
     their decays; dq; then the log-decay gradient (reverse cumulative sum of q^ dq^ - k dk inside the chunk
@@ -336,22 +404,24 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
     v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s, shared by the key blocks
     d_causal = tl.where(rows[:, None] >= rows[None, :], d, 0.0)
+    row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
     for kb in range(0, K, BK):
         _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
-                             d_causal, i_c, i_h, seq, t0, eos, not_last, kb + tl.arange(0, BK), rows, blk,
-                             scale, H, K, BT, BC, BK, HAS_BETA, HAS_DGT, GRAD_PREC)
+                             d_causal, i_c, i_h, seq, row_base, row_ok, not_last, kb + tl.arange(0, BK), rows, blk,
+                             scale, H, K, BT, BC, BK, HAS_BETA, HAS_DGT, GRAD_PREC, FAST_LOG, CONCAT)
 
 
 @triton.jit
 def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
-                         d_causal, i_c, i_h, seq, t0, eos, not_last, cols, rows, blk, scale, H: tl.constexpr,
+                         d_causal, i_c, i_h, seq, row_base, row_ok, not_last, cols, rows, blk, scale, H: tl.constexpr,
                          K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                         HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, GRAD_PREC: tl.constexpr):
+                         HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, GRAD_PREC: tl.constexpr,
+                         FAST_LOG: tl.constexpr, CONCAT: tl.constexpr):
     """_intra_bwd_kernel's work on key columns ``cols``."""
     NC: tl.constexpr = BT // BC
     sub = tl.arange(0, NC)
-    log_f, k = _load_gates(x_ptr, beta_ptr, t0, eos, i_h, rows, cols, H, K, HAS_BETA)
-    q = _load_rows(q_ptr, t0, eos, i_h, rows, cols, H, K) * scale
+    log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
+    q = _load_key_block(q_ptr, row_base, row_ok, cols) * scale
     inside, rest, total, before, after = _subchunk_decays(log_f, NC, BC, BK)
     exp_inside, exp_rest = tl.exp(inside), tl.exp(rest)
     q_in = tl.reshape(q, [NC, BC, BK]) * exp_inside
@@ -362,14 +432,23 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_pt
     factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
     end = before + total
     q_in2 = _flat2(q_in, NC, BC, BK)
-    dq = tl.zeros([BT, BK], tl.float32)
-    dk = tl.zeros([BT, BK], tl.float32)
-    for j in tl.static_range(0, NC):
-        gap = _rows_of(_gap(before, end, sub, j, factored), NC, BC, BK)
-        in_j = (blk == j)[:, None]
-        dq += gap * tl.dot(d_causal, tl.where(in_j, k_rest, 0.0), input_precision=GRAD_PREC)
-        dk_j = tl.dot(tl.trans(d_causal), q_in2 * gap, input_precision=GRAD_PREC)
-        dk += tl.where(in_j, dk_j, 0.0)
+    if CONCAT:  # all column sub-chunks in one product each, as in the forward
+        gaps = _gap_columns(before, end, factored, NC, BC, BK)
+        own = blk[:, None] == (tl.arange(0, NC * BK) // BK)[None, :]
+        k_own = tl.where(own, _repeat_columns(k_rest, BT, NC, BK), 0.0)
+        dq = _sum_column_blocks(gaps * tl.dot(d_causal, k_own, input_precision=GRAD_PREC), BT, NC, BK)
+        q_gap = _repeat_columns(q_in2, BT, NC, BK) * gaps
+        dk_all = tl.dot(tl.trans(d_causal), q_gap, input_precision=GRAD_PREC)
+        dk = _sum_column_blocks(tl.where(own, dk_all, 0.0), BT, NC, BK)
+    else:
+        dq = tl.zeros([BT, BK], tl.float32)
+        dk = tl.zeros([BT, BK], tl.float32)
+        for j in tl.static_range(0, NC):
+            gap = _rows_of(_gap(before, end, sub, j, factored), NC, BC, BK)
+            in_j = (blk == j)[:, None]
+            dq += gap * tl.dot(d_causal, tl.where(in_j, k_rest, 0.0), input_precision=GRAD_PREC)
+            dk_j = tl.dot(tl.trans(d_causal), q_in2 * gap, input_precision=GRAD_PREC)
+            dk += tl.where(in_j, dk_j, 0.0)
     dq *= _flat2(exp_inside, NC, BC, BK)
     dk *= _flat2(exp_rest, NC, BC, BK)
     if not factored:  # the diagonal sub-chunks one column s at a time
@@ -382,11 +461,9 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_pt
             dq += weighted * _row(k, rows, s)[None, :]
             dk += tl.where((rows == s)[:, None], tl.sum(weighted * q, axis=0)[None, :], 0.0)
     # the inter-chunk parts: exp(cum) = exp(before + inside), exp(cum_last - cum) = exp(rest + after)
-    dq += _flat2(exp_inside * tl.exp(before)[:, None, :], NC, BC, BK) * _load_rows(dq_ptr, t0, eos, i_h, rows, cols,
-                                                                                     H, K)
-    dk += _flat2(exp_rest * tl.exp(after)[:, None, :], NC, BC, BK) * _load_rows(dk_ptr, t0, eos, i_h, rows, cols,
-                                                                                 H, K)
-    _store_rows(dq_out_ptr, dq * scale, t0, eos, i_h, rows, cols, H, K)
+    dq += _flat2(exp_inside * tl.exp(before)[:, None, :], NC, BC, BK) * _load_key_block(dq_ptr, row_base, row_ok, cols)
+    dk += _flat2(exp_rest * tl.exp(after)[:, None, :], NC, BC, BK) * _load_key_block(dk_ptr, row_base, row_ok, cols)
+    _store_key_block(dq_out_ptr, dq * scale, row_base, row_ok, cols)
 
     # Log-decay gradient of row t: everything later in the chunk, plus the boundary term (all later chunks).
     carry = tl.load(dgc_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, mask=(cols < K) & not_last, other=0.0)
@@ -397,15 +474,14 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_pt
     z_total = tl.sum(z, 1)
     later = tl.cumsum(z_total, 0, reverse=True) - z_total + carry[None, :]
     grad_log_f = _flat2(tl.cumsum(z, 1, reverse=True) + later[:, None, :], NC, BC, BK)
-    x = _load_rows(x_ptr, t0, eos, i_h, rows, cols, H, K)
+    x = _load_key_block(x_ptr, row_base, row_ok, cols)
     beta = 0.0
     if HAS_BETA:
         beta = tl.load(beta_ptr + i_h * K + cols).to(tl.float32)[None, :]
     dlogf_dx, dlogf_dbeta, dk_dx, dk_dbeta = gate_jacobians(x, beta, HAS_BETA)
-    _store_rows(dx_ptr, grad_log_f * dlogf_dx + dk * dk_dx, t0, eos, i_h, rows, cols, H, K)
+    _store_key_block(dx_ptr, grad_log_f * dlogf_dx + dk * dk_dx, row_base, row_ok, cols)
     if HAS_BETA:
-        row_ok = ((t0 + rows) < eos)[:, None]
-        partial = tl.sum(tl.where(row_ok, grad_log_f * dlogf_dbeta + dk * dk_dbeta, 0.0), 0)
+        partial = tl.sum(tl.where(row_ok[:, None], grad_log_f * dlogf_dbeta + dk * dk_dbeta, 0.0), 0)
         tl.store(dbeta_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, partial)
 
 
@@ -434,6 +510,18 @@ def _value_block(value_dim: int) -> int:
     if CONFIG["block_v"]:
         return min(CONFIG["block_v"], value_dim)
     return max(16, value_dim // 2) if value_dim >= 64 else value_dim
+
+
+def _state_split(dot) -> bool:
+    """Split products where the chunk states meet the log-decay gradient (bf16 operands only)."""
+    return CONFIG["state_split"] and dot == tl.bfloat16
+
+
+def _gate_options() -> dict:
+    """The intra kernels' compile-time options: the hardware log (not under the interpreter, which cannot run
+    inline assembly) and the single product over all column sub-chunks."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return {"FAST_LOG": CONFIG["fast_log"] and not interpreted, "CONCAT": CONFIG["concat"]}
 
 
 def _maxnreg(name: str) -> dict:
@@ -466,11 +554,13 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     beta_arg = beta if has_beta else q
     a = empty((tokens, heads, CHUNK), q.dtype, q.device)
     q_dec = empty(q.shape, q.dtype, q.device)
-    k_dec = empty(q.shape, q.dtype, q.device)
+    # fp32 with the split products: the states built from it feed d beta (_dot_unrounded)
+    k_dec = empty(q.shape, torch.float32 if _state_split(dot) else q.dtype, q.device)
     totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
     _intra_fwd_kernel[(seqs.num_chunks, heads)](
         q, f_logit, beta_arg, a, q_dec, k_dec, totals, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim,
         BT=CHUNK, BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_fwd_block_k"), HAS_BETA=has_beta, DOT=dot, PREC=prec,
+        **_gate_options(),
         num_warps=CONFIG["intra_fwd_warps"], **_maxnreg("intra_fwd_maxnreg"),
     )
     o = empty(i.shape, i.dtype, i.device)
@@ -482,6 +572,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
         final if final is not None else q, states if states is not None else q, seqs.cu_seqlens,
         seqs.chunk_offsets, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v,
         HAS_H0=initial_state is not None, STORE_HT=final is not None, STORE_HS=keep_states, DOT=dot, PREC=prec,
+        SPLIT=_state_split(dot),
         **_scan_launch(),
     )
     return o, final, (a, q_dec, k_dec, totals, states)
@@ -510,7 +601,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, saved, do, dht, 
     )
     _bwd_chunk_kernel[(seqs.num_chunks, heads)](
         k_dec, i, a, do, states, ds, dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunks,
-        BV=min(32, value_dim), **sizes, num_warps=CONFIG["bwd_chunk_warps"],
+        BV=min(32, value_dim), SPLIT=_state_split(dot), **sizes, num_warps=CONFIG["bwd_chunk_warps"],
     )
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
@@ -521,7 +612,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, saved, do, dht, 
         dbeta_chunks, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK,
         BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_bwd_block_k"), HAS_BETA=has_beta, HAS_DGT=dgt is not None,
         DOT=dot, PREC=prec,
-        GRAD_PREC=_grad_precision(q.dtype),
+        GRAD_PREC=_grad_precision(q.dtype), **_gate_options(),
         num_warps=CONFIG["intra_bwd_warps"], **_maxnreg("intra_bwd_maxnreg"),
     )
     dbeta = dbeta_chunks.sum(0) if has_beta else None
