@@ -49,8 +49,9 @@ def kernel_specs() -> dict:
                  "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", "dgt_ptr": "*fp32", "dq_out_ptr": "*bf16",
                  "dx_ptr": "*bf16", "dbeta_ptr": "*fp32", **cu, "scale": "fp32"}
     split = chunk._state_split(tl.bfloat16)
-    bwd_chunk = {"kd_ptr": "*fp32" if split else "*bf16", "v_ptr": "*bf16", "a_ptr": "*bf16", "do_ptr": "*bf16", "hs_ptr": "*fp32",
-                 "ds_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dv_ptr": "*bf16", "dgc_ptr": "*fp32", **cu}
+    bwd_chunk = {"kd_ptr": "*fp32" if split else "*bf16", "v_ptr": "*bf16", "a_ptr": "*bf16", "do_ptr": "*bf16",
+                 "hs_ptr": "*fp32", "ds_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dv_ptr": "*bf16",
+                 "dgc_ptr": "*fp32", **cu}
     dots = {"DOT": tl.bfloat16, "PREC": "tf32"}
     return {
         "intra_fwd": (chunk._intra_fwd_kernel, intra_fwd,

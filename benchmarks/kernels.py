@@ -264,6 +264,8 @@ def main():
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--variants", nargs="*", default=[],
                         help='launch-setting variants (JSON dicts for chunk.CONFIG) to time at the first shape')
+    parser.add_argument("--keep-config", action="store_true",
+                        help="after --variants, keep the default launch settings (not the fastest variant)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--shapes", default="all", help="'all' or indices into SHAPES, e.g. 0,2")
     parser.add_argument("--fla-shapes", default="all", help="shapes (indices) at which fla is also run")
@@ -286,7 +288,7 @@ def main():
     if args.variants:
         sweep = [json.loads(v) for v in args.variants]
         rows = variants_sweep(shapes[0], sweep)
-        if rows:  # time everything below with the fastest variant
+        if rows and not args.keep_config:  # time everything below with the fastest variant
             best = min(rows, key=lambda row: row[2])[0]
             chunk_module.CONFIG.update(best)
             meta["config"] = dict(chunk_module.CONFIG)

@@ -52,7 +52,7 @@ FACTOR_SPAN = tl.constexpr(60.0)
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
           "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
-          "fast_log": True, "concat": True, "state_split": True}
+          "fast_log": True, "state_split": True}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,15 +125,19 @@ def _dot_unrounded(a, b, SPLIT_A: tl.constexpr, DOT: tl.constexpr, PREC: tl.cons
     SPLIT (bf16 operands) it is split into hi + lo bf16 parts and multiplied twice (~16 bits); the other
     operand must be exact in bf16. Used where the chunk states meet the log-decay gradient (docs/kernels.md,
     d beta accuracy)."""
+    # one return at the end: Triton 3.6 still compiles the code after a returning constexpr branch
     if SPLIT:
         if SPLIT_A:
             hi = a.to(tl.bfloat16)
             lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
-            return tl.dot(hi, b, input_precision=PREC) + tl.dot(lo, b, input_precision=PREC)
-        hi = b.to(tl.bfloat16)
-        lo = (b - hi.to(tl.float32)).to(tl.bfloat16)
-        return tl.dot(a, hi, input_precision=PREC) + tl.dot(a, lo, input_precision=PREC)
-    return tl.dot(a.to(DOT), b.to(DOT), input_precision=PREC)
+            product = tl.dot(hi, b, input_precision=PREC) + tl.dot(lo, b, input_precision=PREC)
+        else:
+            hi = b.to(tl.bfloat16)
+            lo = (b - hi.to(tl.float32)).to(tl.bfloat16)
+            product = tl.dot(a, hi, input_precision=PREC) + tl.dot(a, lo, input_precision=PREC)
+    else:
+        product = tl.dot(a.to(DOT), b.to(DOT), input_precision=PREC)
+    return product
 
 
 @triton.jit
@@ -160,12 +164,6 @@ def _subchunk_decays(log_f, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr
     before = tl.cumsum(total, 0) - total
     after = tl.cumsum(total, 0, reverse=True) - total
     return inside, rest, total, before, after
-
-
-@triton.jit
-def _rows_of(per_subchunk, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """A [NC, BK] value per sub-chunk, repeated on each of its rows: [NC * BC, BK]."""
-    return tl.reshape(tl.broadcast_to(per_subchunk[:, None, :], [NC, BC, BK]), [NC * BC, BK])
 
 
 @triton.jit
@@ -211,8 +209,7 @@ def _sum_column_blocks(x, BT: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr):
 @triton.jit
 def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale,
                       H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, FAST_LOG: tl.constexpr,
-                      CONCAT: tl.constexpr):
+                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, FAST_LOG: tl.constexpr):
     """One chunk: A [BT, BT], the scan's operands q^ exp(cum) and k exp(cum_last - cum), and the chunk's total
     log-decay, BK key columns at a time (the gates of each row computed once).
 
@@ -244,17 +241,12 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
         tl.store(total_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, tl.sum(total, 0))
         factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
         end = before + total
-        if CONCAT:  # all column sub-chunks in one product: [BT, NC * BK] operands, column block j for sub-chunk j
-            q_gap = _repeat_columns(_flat2(q_in, NC, BC, BK), BT, NC, BK) * _gap_columns(before, end, factored,
-                                                                                         NC, BC, BK)
-            own = blk[:, None] == (tl.arange(0, NC * BK) // BK)[None, :]
-            k_own = tl.where(own, _repeat_columns(_flat2(k_rest, NC, BC, BK), BT, NC, BK), 0.0)
-            a += tl.dot(q_gap.to(DOT), tl.trans(k_own.to(DOT)), input_precision=PREC)
-        else:
-            for j in tl.static_range(0, NC):  # the columns of sub-chunk j
-                q_gap = _flat2(q_in * _gap(before, end, sub, j, factored)[:, None, :], NC, BC, BK)
-                k_j = _flat2(tl.where((sub == j)[:, None, None], k_rest, 0.0), NC, BC, BK)
-                a += tl.dot(q_gap.to(DOT), tl.trans(k_j.to(DOT)), input_precision=PREC)
+        # one product per column sub-chunk j (one product over all of them, as the backward takes, measured
+        # 0.2 ms slower here: docs/kernels.md, v7)
+        for j in tl.static_range(0, NC):
+            q_gap = _flat2(q_in * _gap(before, end, sub, j, factored)[:, None, :], NC, BC, BK)
+            k_j = _flat2(tl.where((sub == j)[:, None, None], k_rest, 0.0), NC, BC, BK)
+            a += tl.dot(q_gap.to(DOT), tl.trans(k_j.to(DOT)), input_precision=PREC)
         if not factored:  # the diagonal sub-chunks one column s at a time: exp(inside_t - inside_s), t >= s
             inside2 = _flat2(inside, NC, BC, BK)
             for s in range(BT):
@@ -383,7 +375,7 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
                       dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                      GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, CONCAT: tl.constexpr):
+                      GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr):
     """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
     factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
     their decays; dq; then the log-decay gradient (reverse cumulative sum of q^ dq^ - k dk inside the chunk
@@ -408,7 +400,7 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
     for kb in range(0, K, BK):
         _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
                              d_causal, i_c, i_h, seq, row_base, row_ok, not_last, kb + tl.arange(0, BK), rows, blk,
-                             scale, H, K, BT, BC, BK, HAS_BETA, HAS_DGT, GRAD_PREC, FAST_LOG, CONCAT)
+                             scale, H, K, BT, BC, BK, HAS_BETA, HAS_DGT, GRAD_PREC, FAST_LOG)
 
 
 @triton.jit
@@ -416,10 +408,9 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_pt
                          d_causal, i_c, i_h, seq, row_base, row_ok, not_last, cols, rows, blk, scale, H: tl.constexpr,
                          K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                          HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, GRAD_PREC: tl.constexpr,
-                         FAST_LOG: tl.constexpr, CONCAT: tl.constexpr):
+                         FAST_LOG: tl.constexpr):
     """_intra_bwd_kernel's work on key columns ``cols``."""
     NC: tl.constexpr = BT // BC
-    sub = tl.arange(0, NC)
     log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
     q = _load_key_block(q_ptr, row_base, row_ok, cols) * scale
     inside, rest, total, before, after = _subchunk_decays(log_f, NC, BC, BK)
@@ -432,23 +423,17 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_pt
     factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
     end = before + total
     q_in2 = _flat2(q_in, NC, BC, BK)
-    if CONCAT:  # all column sub-chunks in one product each, as in the forward
-        gaps = _gap_columns(before, end, factored, NC, BC, BK)
-        own = blk[:, None] == (tl.arange(0, NC * BK) // BK)[None, :]
-        k_own = tl.where(own, _repeat_columns(k_rest, BT, NC, BK), 0.0)
-        dq = _sum_column_blocks(gaps * tl.dot(d_causal, k_own, input_precision=GRAD_PREC), BT, NC, BK)
-        q_gap = _repeat_columns(q_in2, BT, NC, BK) * gaps
-        dk_all = tl.dot(tl.trans(d_causal), q_gap, input_precision=GRAD_PREC)
-        dk = _sum_column_blocks(tl.where(own, dk_all, 0.0), BT, NC, BK)
-    else:
-        dq = tl.zeros([BT, BK], tl.float32)
-        dk = tl.zeros([BT, BK], tl.float32)
-        for j in tl.static_range(0, NC):
-            gap = _rows_of(_gap(before, end, sub, j, factored), NC, BC, BK)
-            in_j = (blk == j)[:, None]
-            dq += gap * tl.dot(d_causal, tl.where(in_j, k_rest, 0.0), input_precision=GRAD_PREC)
-            dk_j = tl.dot(tl.trans(d_causal), q_in2 * gap, input_precision=GRAD_PREC)
-            dk += tl.where(in_j, dk_j, 0.0)
+    # All column sub-chunks j in one product each: operands [BT, NC * BK] whose column block j holds sub-chunk
+    # j's terms (k~ masked to its rows; q~ times gap(m_t, j)), then the blocks summed (dq) or the row's own
+    # block taken (dk). Two products of width NC * BK instead of 2 NC of width BK: 0.27 ms less at the
+    # benchmark's first shape (docs/kernels.md, v7).
+    gaps = _gap_columns(before, end, factored, NC, BC, BK)
+    own = blk[:, None] == (tl.arange(0, NC * BK) // BK)[None, :]
+    k_own = tl.where(own, _repeat_columns(k_rest, BT, NC, BK), 0.0)
+    dq = _sum_column_blocks(gaps * tl.dot(d_causal, k_own, input_precision=GRAD_PREC), BT, NC, BK)
+    q_gap = _repeat_columns(q_in2, BT, NC, BK) * gaps
+    dk_all = tl.dot(tl.trans(d_causal), q_gap, input_precision=GRAD_PREC)
+    dk = _sum_column_blocks(tl.where(own, dk_all, 0.0), BT, NC, BK)
     dq *= _flat2(exp_inside, NC, BC, BK)
     dk *= _flat2(exp_rest, NC, BC, BK)
     if not factored:  # the diagonal sub-chunks one column s at a time
@@ -518,10 +503,8 @@ def _state_split(dot) -> bool:
 
 
 def _gate_options() -> dict:
-    """The intra kernels' compile-time options: the hardware log (not under the interpreter, which cannot run
-    inline assembly) and the single product over all column sub-chunks."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return {"FAST_LOG": CONFIG["fast_log"] and not interpreted, "CONCAT": CONFIG["concat"]}
+    """The hardware log in the intra kernels' gate math (not under the interpreter: no inline assembly)."""
+    return {"FAST_LOG": CONFIG["fast_log"] and os.environ.get("TRITON_INTERPRET") != "1"}
 
 
 def _maxnreg(name: str) -> dict:
