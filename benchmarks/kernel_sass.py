@@ -46,11 +46,10 @@ def kernel_specs() -> dict:
     intra_fwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "a_ptr": "*bf16", "qd_ptr": "*bf16",
                  "kd_ptr": "*bf16", "total_ptr": "*fp32", **cu, "scale": "fp32"}
     intra_bwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "v_ptr": "*bf16", "do_ptr": "*bf16",
-                 "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", "dgt_ptr": "*fp32", "dq_out_ptr": "*bf16",
+                 "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", "dq_out_ptr": "*bf16",
                  "dx_ptr": "*bf16", "dbeta_ptr": "*fp32", **cu, "scale": "fp32"}
-    split = chunk._state_split(tl.bfloat16)
-    bwd_chunk = {"kd_ptr": "*fp32" if split else "*bf16", "v_ptr": "*bf16", "a_ptr": "*bf16", "do_ptr": "*bf16",
-                 "hs_ptr": "*fp32", "ds_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dv_ptr": "*bf16",
+    bwd_chunk = {"kd_ptr": "*bf16", "v_ptr": "*bf16", "a_ptr": "*bf16", "do_ptr": "*bf16", "hs_ptr": "*fp32",
+                 "ds_ptr": "*fp32", "total_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dv_ptr": "*bf16",
                  "dgc_ptr": "*fp32", **cu}
     dots = {"DOT": tl.bfloat16, "PREC": "tf32"}
     return {
@@ -60,9 +59,9 @@ def kernel_specs() -> dict:
                       {"num_warps": config["intra_fwd_warps"], "maxnreg": config["intra_fwd_maxnreg"]}),
         "intra_bwd": (chunk._intra_bwd_kernel, intra_bwd,
                       {**SIZES, "BC": SUB_CHUNK, "BK": config["intra_bwd_block_k"], "HAS_BETA": True,
-                       "HAS_DGT": False, **dots, "GRAD_PREC": "tf32", **chunk._gate_options()},
+                       **dots, "GRAD_PREC": "tf32", **chunk._gate_options()},
                       {"num_warps": config["intra_bwd_warps"], "maxnreg": config["intra_bwd_maxnreg"]}),
-        "bwd_chunk": (chunk._bwd_chunk_kernel, bwd_chunk, {**SIZES, "BV": 32, **dots, "SPLIT": split},
+        "bwd_chunk": (chunk._bwd_chunk_kernel, bwd_chunk, {**SIZES, "BV": 32, **dots},
                       {"num_warps": config["bwd_chunk_warps"], "maxnreg": None}),
     }
 

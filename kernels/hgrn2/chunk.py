@@ -52,7 +52,7 @@ FACTOR_SPAN = tl.constexpr(60.0)
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
           "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
-          "fast_log": True, "state_split": True}
+          "fast_log": True}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,27 +117,6 @@ def _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K: tl.constexpr, H
         beta = tl.load(beta_ptr + i_h * K + cols).to(tl.float32)[None, :]
     log_f, k = gate_log_f_and_k(x, beta, HAS_BETA, FAST_LOG)
     return tl.where(row_ok[:, None], log_f, 0.0), tl.where(row_ok[:, None], k, 0.0)
-
-
-@triton.jit
-def _dot_unrounded(a, b, SPLIT_A: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """a @ b where one fp32 operand (a if SPLIT_A, else b) must keep more than bf16's 8 significant bits: with
-    SPLIT (bf16 operands) it is split into hi + lo bf16 parts and multiplied twice (~16 bits); the other
-    operand must be exact in bf16. Used where the chunk states meet the log-decay gradient (docs/kernels.md,
-    d beta accuracy)."""
-    # one return at the end: Triton 3.6 still compiles the code after a returning constexpr branch
-    if SPLIT:
-        if SPLIT_A:
-            hi = a.to(tl.bfloat16)
-            lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
-            product = tl.dot(hi, b, input_precision=PREC) + tl.dot(lo, b, input_precision=PREC)
-        else:
-            hi = b.to(tl.bfloat16)
-            lo = (b - hi.to(tl.float32)).to(tl.bfloat16)
-            product = tl.dot(a, hi, input_precision=PREC) + tl.dot(a, lo, input_precision=PREC)
-    else:
-        product = tl.dot(a.to(DOT), b.to(DOT), input_precision=PREC)
-    return product
 
 
 @triton.jit
@@ -263,7 +242,7 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
 def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_ptr, hs_ptr, cu_ptr, chunk0_ptr,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                      HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, DOT: tl.constexpr,
-                     PREC: tl.constexpr, SPLIT: tl.constexpr):
+                     PREC: tl.constexpr):
     """One (sequence, head, value block): walk the chunks, carrying the [K, BV] state in registers.
 
     The gates were applied by the intra kernel (decayed q^ and k, chunk totals), so each step is loads and
@@ -284,7 +263,7 @@ def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_
         if STORE_HS:  # the state entering each chunk, for the backward pass
             tl.store(hs_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets, state)
         q_dec = _load_tile(qd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
-        k_dec = _load_rows(kd_ptr, t0, eos, i_h, rows, cols_k, H, K)  # fp32: see _dot_unrounded
+        k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
         v = _load_tile(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
         a_mask = ((t0 + rows) < eos)[:, None] & causal
         a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
@@ -292,7 +271,7 @@ def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_
         o = tl.dot(a.to(DOT), v, input_precision=PREC)
         o += tl.dot(q_dec, state.to(DOT), input_precision=PREC)
         _store_rows(o_ptr, o, t0, eos, i_h, rows, cols_v, H, V)
-        state = state * tl.exp(total)[:, None] + _dot_unrounded(tl.trans(k_dec), v, True, DOT, PREC, SPLIT)
+        state = state * tl.exp(total)[:, None] + tl.dot(tl.trans(k_dec), v, input_precision=PREC)
     if STORE_HT:
         tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + state_offsets, state)
 
@@ -329,19 +308,21 @@ def _bwd_dstate_kernel(qd_ptr, do_ptr, total_ptr, dht_ptr, dh0_ptr, ds_ptr, cu_p
 
 
 @triton.jit
-def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, dq_ptr, dk_ptr, dv_ptr, dgc_ptr, cu_ptr,
+def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, dv_ptr, dgc_ptr, cu_ptr,
                       chunks_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Split backward, parallel part: one (chunk, head), all of K and V (BV columns at a time), so dq and dk
     need no atomics. di = A^T do + k_dec ds; the inter-chunk dq^ and dk before their decays (do S_prev^T,
-    i ds^T); and the chunk-boundary log-decay gradient sum_v S_end ds_end (S_end: the next chunk's entering
-    state), as the fused scan computes them."""
+    i ds^T); and the part of the chunk-end log-decay gradient sum_v S_end ds_end that comes through the entering
+    state, exp(total) sum_v S_prev ds_end. The rest of it, sum_t k_dec_t (i_t ds_end^T), is the chunk's
+    sum of k dk over the inter-chunk dk, which the intra backward adds from the very values it subtracts in
+    q^ dq^ - k dk: the two cancel exactly whatever the rounding of dk (with S_end formed here they did not,
+    and bf16 rounding left d beta 5x less accurate than fla's, which sums it the same way)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     t0 = bos + c * BT
     rows, cols_k = tl.arange(0, BT), tl.arange(0, K)
-    not_last = c < tl.cdiv(eos - bos, BT) - 1
     a_mask = ((t0 + rows) < eos)[:, None] & (rows[:, None] >= rows[None, :])
     a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0).to(DOT)
     k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
@@ -359,22 +340,22 @@ def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, dq_ptr, dk_p
         ds_dot = ds.to(DOT)
         dv = tl.dot(tl.trans(a), do, input_precision=PREC) + tl.dot(k_dec, ds_dot, input_precision=PREC)
         _store_rows(dv_ptr, dv, t0, eos, i_h, rows, cols_v, H, V)
-        dq += _dot_unrounded(do, tl.trans(h_prev), False, DOT, PREC, SPLIT)
-        dk += _dot_unrounded(v, tl.trans(ds), False, DOT, PREC, SPLIT)
-        h_end = tl.load(hs_ptr + state_base + H * K * V + offsets, mask=(cols_k[:, None] < K) & not_last, other=0.0)
-        boundary += tl.sum(h_end * ds, axis=1)
+        dq += tl.dot(do, tl.trans(h_prev.to(DOT)), input_precision=PREC)
+        dk += tl.dot(v, tl.trans(ds_dot), input_precision=PREC)
+        boundary += tl.sum(h_prev * ds, axis=1)
     offsets = ((t0 + rows) * H + i_h)[:, None] * K + cols_k[None, :]
     row_ok = ((t0 + rows) < eos)[:, None]
     tl.store(dq_ptr + offsets, dq, mask=row_ok)
     tl.store(dk_ptr + offsets, dk, mask=row_ok)
-    tl.store(dgc_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols_k, boundary, mask=(cols_k < K) & not_last)
+    per_key = (i_c.to(tl.int64) * H + i_h) * K + cols_k
+    tl.store(dgc_ptr + per_key, boundary * tl.exp(tl.load(total_ptr + per_key)))
 
 
 @triton.jit
-def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr,
+def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr,
                       dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                       GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr):
     """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
     factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
@@ -391,24 +372,22 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
     t0 = bos + c * BT
     rows, cols_v = tl.arange(0, BT), tl.arange(0, V)
     blk = rows // BC
-    not_last = c < tl.cdiv(eos - bos, BT) - 1
     do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s, shared by the key blocks
     d_causal = tl.where(rows[:, None] >= rows[None, :], d, 0.0)
     row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
     for kb in range(0, K, BK):
-        _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
-                             d_causal, i_c, i_h, seq, row_base, row_ok, not_last, kb + tl.arange(0, BK), rows, blk,
-                             scale, H, K, BT, BC, BK, HAS_BETA, HAS_DGT, GRAD_PREC, FAST_LOG)
+        _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, d_causal,
+                             i_c, i_h, row_base, row_ok, kb + tl.arange(0, BK), rows, blk, scale, H, K, BT, BC, BK,
+                             HAS_BETA, GRAD_PREC, FAST_LOG)
 
 
 @triton.jit
-def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
-                         d_causal, i_c, i_h, seq, row_base, row_ok, not_last, cols, rows, blk, scale, H: tl.constexpr,
-                         K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                         HAS_BETA: tl.constexpr, HAS_DGT: tl.constexpr, GRAD_PREC: tl.constexpr,
-                         FAST_LOG: tl.constexpr):
+def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, d_causal,
+                         i_c, i_h, row_base, row_ok, cols, rows, blk, scale, H: tl.constexpr, K: tl.constexpr,
+                         BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
+                         GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr):
     """_intra_bwd_kernel's work on key columns ``cols``."""
     NC: tl.constexpr = BT // BC
     log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
@@ -447,14 +426,15 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dgt_pt
             dk += tl.where((rows == s)[:, None], tl.sum(weighted * q, axis=0)[None, :], 0.0)
     # the inter-chunk parts: exp(cum) = exp(before + inside), exp(cum_last - cum) = exp(rest + after)
     dq += _flat2(exp_inside * tl.exp(before)[:, None, :], NC, BC, BK) * _load_key_block(dq_ptr, row_base, row_ok, cols)
-    dk += _flat2(exp_rest * tl.exp(after)[:, None, :], NC, BC, BK) * _load_key_block(dk_ptr, row_base, row_ok, cols)
+    dk_inter = _flat2(exp_rest * tl.exp(after)[:, None, :], NC, BC, BK) * _load_key_block(dk_ptr, row_base, row_ok,
+                                                                                           cols)
+    dk += dk_inter
     _store_key_block(dq_out_ptr, dq * scale, row_base, row_ok, cols)
 
-    # Log-decay gradient of row t: everything later in the chunk, plus the boundary term (all later chunks).
-    carry = tl.load(dgc_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, mask=(cols < K) & not_last, other=0.0)
-    if HAS_DGT:
-        last = tl.load(dgt_ptr + (seq.to(tl.int64) * H + i_h) * K + cols)
-        carry = tl.where(not_last, carry, last)
+    # Log-decay gradient of row t: everything later in the chunk, plus the chunk-end term sum_v S_end ds_end
+    # (all later chunks, and the final state's gradient): the per-chunk pass's part through the entering state
+    # and sum_t k_t dk_inter_t, from the same values as the k dk below (see _bwd_chunk_kernel).
+    carry = tl.load(dgc_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols) + tl.sum(k * dk_inter, axis=0)
     z = tl.reshape(q * dq - k * dk, [NC, BC, BK])
     z_total = tl.sum(z, 1)
     later = tl.cumsum(z_total, 0, reverse=True) - z_total + carry[None, :]
@@ -497,11 +477,6 @@ def _value_block(value_dim: int) -> int:
     return max(16, value_dim // 2) if value_dim >= 64 else value_dim
 
 
-def _state_split(dot) -> bool:
-    """Split products where the chunk states meet the log-decay gradient (bf16 operands only)."""
-    return CONFIG["state_split"] and dot == tl.bfloat16
-
-
 def _gate_options() -> dict:
     """The hardware log in the intra kernels' gate math (not under the interpreter: no inline assembly)."""
     return {"FAST_LOG": CONFIG["fast_log"] and os.environ.get("TRITON_INTERPRET") != "1"}
@@ -537,8 +512,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     beta_arg = beta if has_beta else q
     a = empty((tokens, heads, CHUNK), q.dtype, q.device)
     q_dec = empty(q.shape, q.dtype, q.device)
-    # fp32 with the split products: the states built from it feed d beta (_dot_unrounded)
-    k_dec = empty(q.shape, torch.float32 if _state_split(dot) else q.dtype, q.device)
+    k_dec = empty(q.shape, q.dtype, q.device)
     totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
     _intra_fwd_kernel[(seqs.num_chunks, heads)](
         q, f_logit, beta_arg, a, q_dec, k_dec, totals, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim,
@@ -555,13 +529,12 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
         final if final is not None else q, states if states is not None else q, seqs.cu_seqlens,
         seqs.chunk_offsets, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v,
         HAS_H0=initial_state is not None, STORE_HT=final is not None, STORE_HS=keep_states, DOT=dot, PREC=prec,
-        SPLIT=_state_split(dot),
         **_scan_launch(),
     )
     return o, final, (a, q_dec, k_dec, totals, states)
 
 
-def _backward(q, f_logit, i, beta, scale, initial_state, final, saved, do, dht, seqs: Sequences):
+def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: Sequences):
     a, q_dec, k_dec, totals, states = saved
     tokens, heads, key_dim = _flat(q).shape
     value_dim = i.shape[-1]
@@ -583,17 +556,16 @@ def _backward(q, f_logit, i, beta, scale, initial_state, final, saved, do, dht, 
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **sizes, **_scan_launch(),
     )
     _bwd_chunk_kernel[(seqs.num_chunks, heads)](
-        k_dec, i, a, do, states, ds, dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunks,
-        BV=min(32, value_dim), SPLIT=_state_split(dot), **sizes, num_warps=CONFIG["bwd_chunk_warps"],
+        k_dec, i, a, do, states, ds, totals, dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunks,
+        BV=min(32, value_dim), **sizes, num_warps=CONFIG["bwd_chunk_warps"],
     )
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
-    dgt = (dht * final).sum(-1) if dht is not None else None  # the final state's gradient on the last decay
     dbeta_chunks = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
     _intra_bwd_kernel[(seqs.num_chunks, heads)](
-        q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dgc, dgt if dgt is not None else q, dq, dx,
+        q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dgc, dq, dx,
         dbeta_chunks, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK,
-        BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_bwd_block_k"), HAS_BETA=has_beta, HAS_DGT=dgt is not None,
+        BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_bwd_block_k"), HAS_BETA=has_beta,
         DOT=dot, PREC=prec,
         GRAD_PREC=_grad_precision(q.dtype), **_gate_options(),
         num_warps=CONFIG["intra_bwd_warps"], **_maxnreg("intra_bwd_maxnreg"),
@@ -609,17 +581,15 @@ class ChunkHGRN2Function(torch.autograd.Function):
         seqs = make_sequences(batch, seq_len, cu_seqlens, CHUNK, q.device)
         beta = lower_bound.float().contiguous() if lower_bound is not None else None
         keep = any(ctx.needs_input_grad)
-        # The backward needs the final state to send the final state's gradient into the gates.
-        want_final = output_final_state or keep
-        o, final, saved = _forward(q, f_logit, i, beta, scale, initial_state, want_final, seqs, keep)
-        ctx.save_for_backward(q, f_logit, i, beta, initial_state, final, *saved)
+        o, final, saved = _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs, keep)
+        ctx.save_for_backward(q, f_logit, i, beta, initial_state, *saved)
         ctx.seqs, ctx.scale, ctx.lower_bound_dtype = seqs, scale, None if lower_bound is None else lower_bound.dtype
-        return o, (final if output_final_state else None)
+        return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, f_logit, i, beta, initial_state, final, *saved = ctx.saved_tensors
-        dq, dx, di, dbeta, dh0 = _backward(q, f_logit, i, beta, ctx.scale, initial_state, final, saved,
+        q, f_logit, i, beta, initial_state, *saved = ctx.saved_tensors
+        dq, dx, di, dbeta, dh0 = _backward(q, f_logit, i, beta, ctx.scale, initial_state, saved,
                                            do.contiguous(), None if dht is None else dht.contiguous(), ctx.seqs)
         if dbeta is not None:
             dbeta = dbeta.to(ctx.lower_bound_dtype)
