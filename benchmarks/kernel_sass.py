@@ -26,6 +26,7 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -59,7 +60,7 @@ def kernel_specs() -> dict:
                       {"num_warps": config["intra_fwd_warps"], "maxnreg": config["intra_fwd_maxnreg"]}),
         "intra_bwd": (chunk._intra_bwd_kernel, intra_bwd,
                       {**SIZES, "BC": SUB_CHUNK, "BK": config["intra_bwd_block_k"], "HAS_BETA": True,
-                       **dots, "GRAD_PREC": "tf32", **chunk._gate_options()},
+                       **dots, **chunk._grad_options(torch.bfloat16), **chunk._gate_options()},
                       {"num_warps": config["intra_bwd_warps"], "maxnreg": config["intra_bwd_maxnreg"]}),
         "bwd_chunk": (chunk._bwd_chunk_kernel, bwd_chunk, {**SIZES, "BV": 32, **dots},
                       {"num_warps": config["bwd_chunk_warps"], "maxnreg": None}),

@@ -264,6 +264,7 @@ def main():
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--variants", nargs="*", default=[],
                         help='launch-setting variants (JSON dicts for chunk.CONFIG) to time at the first shape')
+    parser.add_argument("--config", default="{}", help="a JSON dict merged into chunk.CONFIG before anything runs")
     parser.add_argument("--keep-config", action="store_true",
                         help="after --variants, keep the default launch settings (not the fastest variant)")
     parser.add_argument("--profile", action="store_true")
@@ -271,6 +272,7 @@ def main():
     parser.add_argument("--fla-shapes", default="all", help="shapes (indices) at which fla is also run")
     parser.add_argument("--fp32-check", action="store_true")
     args = parser.parse_args()
+    chunk_module.CONFIG.update(json.loads(args.config))
     use_fla = not args.no_fla
     if use_fla:
         try:

@@ -52,7 +52,7 @@ FACTOR_SPAN = tl.constexpr(60.0)
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
           "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
-          "fast_log": True}
+          "fast_log": True, "grad_round": True, "grad_prec": None}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,6 +117,17 @@ def _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K: tl.constexpr, H
         beta = tl.load(beta_ptr + i_h * K + cols).to(tl.float32)[None, :]
     log_f, k = gate_log_f_and_k(x, beta, HAS_BETA, FAST_LOG)
     return tl.where(row_ok[:, None], log_f, 0.0), tl.where(row_ok[:, None], k, 0.0)
+
+
+@triton.jit
+def _to_tf32(x, ROUND: tl.constexpr):
+    """x rounded to the nearest tf32 (GPU only), for tf32 products: wgmma reads fp32 operands by dropping their
+    13 low mantissa bits, a truncation that shrinks every operand by 2^-11 on average; a bias that survives
+    sums over many tokens (d beta), where nearest rounding's errors average out."""
+    if ROUND:
+        x = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    return x
 
 
 @triton.jit
@@ -356,7 +367,7 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
                       dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                      GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr):
+                      GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, ROUND_TF32: tl.constexpr):
     """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
     factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
     their decays; dq; then the log-decay gradient (reverse cumulative sum of q^ dq^ - k dk inside the chunk
@@ -375,19 +386,19 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
     do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s, shared by the key blocks
-    d_causal = tl.where(rows[:, None] >= rows[None, :], d, 0.0)
+    d_causal = _to_tf32(tl.where(rows[:, None] >= rows[None, :], d, 0.0), ROUND_TF32)
     row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
     for kb in range(0, K, BK):
         _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, d_causal,
                              i_c, i_h, row_base, row_ok, kb + tl.arange(0, BK), rows, blk, scale, H, K, BT, BC, BK,
-                             HAS_BETA, GRAD_PREC, FAST_LOG)
+                             HAS_BETA, GRAD_PREC, FAST_LOG, ROUND_TF32)
 
 
 @triton.jit
 def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, d_causal,
                          i_c, i_h, row_base, row_ok, cols, rows, blk, scale, H: tl.constexpr, K: tl.constexpr,
                          BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
-                         GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr):
+                         GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, ROUND_TF32: tl.constexpr):
     """_intra_bwd_kernel's work on key columns ``cols``."""
     NC: tl.constexpr = BT // BC
     log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
@@ -408,9 +419,9 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out
     # benchmark's first shape (docs/kernels.md, v7).
     gaps = _gap_columns(before, end, factored, NC, BC, BK)
     own = blk[:, None] == (tl.arange(0, NC * BK) // BK)[None, :]
-    k_own = tl.where(own, _repeat_columns(k_rest, BT, NC, BK), 0.0)
+    k_own = _to_tf32(tl.where(own, _repeat_columns(k_rest, BT, NC, BK), 0.0), ROUND_TF32)
     dq = _sum_column_blocks(gaps * tl.dot(d_causal, k_own, input_precision=GRAD_PREC), BT, NC, BK)
-    q_gap = _repeat_columns(q_in2, BT, NC, BK) * gaps
+    q_gap = _to_tf32(_repeat_columns(q_in2, BT, NC, BK) * gaps, ROUND_TF32)
     dk_all = tl.dot(tl.trans(d_causal), q_gap, input_precision=GRAD_PREC)
     dk = _sum_column_blocks(tl.where(own, dk_all, 0.0), BT, NC, BK)
     dq *= _flat2(exp_inside, NC, BC, BK)
@@ -464,10 +475,13 @@ def _dot_config(dtype: torch.dtype):
     return tl.bfloat16, "tf32"
 
 
-def _grad_precision(dtype: torch.dtype) -> str:
+def _grad_options(dtype: torch.dtype) -> dict:
     """Products of the intra backward's dq/dk (fp32 operands always): IEEE for fp32 inputs, tf32 for bf16
-    (bf16 operands cost 3x in d f_logit, and in v6 gave wrong results on the H200: docs/kernels.md)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    (bf16 operands cost 3x in d f_logit, and in v6 gave wrong results on the H200: docs/kernels.md), with the
+    operands rounded to nearest tf32 on the GPU (``_to_tf32``); CONFIG["grad_prec"] overrides the precision."""
+    precision = CONFIG["grad_prec"] or ("ieee" if dtype == torch.float32 else "tf32")
+    compiled = os.environ.get("TRITON_INTERPRET") != "1"
+    return {"GRAD_PREC": precision, "ROUND_TF32": CONFIG["grad_round"] and precision == "tf32" and compiled}
 
 
 def _value_block(value_dim: int) -> int:
@@ -567,7 +581,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
         dbeta_chunks, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK,
         BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_bwd_block_k"), HAS_BETA=has_beta,
         DOT=dot, PREC=prec,
-        GRAD_PREC=_grad_precision(q.dtype), **_gate_options(),
+        **_grad_options(q.dtype), **_gate_options(),
         num_warps=CONFIG["intra_bwd_warps"], **_maxnreg("intra_bwd_maxnreg"),
     )
     dbeta = dbeta_chunks.sum(0) if has_beta else None
