@@ -285,6 +285,8 @@ def main():
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "fla": __import__("fla").__version__ if use_fla else "—"}
+    if json.loads(args.config):
+        meta["config"] = dict(chunk_module.CONFIG)
     print(meta, flush=True)
     start = time.time()
     if args.variants:
