@@ -52,7 +52,7 @@ FACTOR_SPAN = tl.constexpr(60.0)
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
           "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
-          "fast_log": True, "grad_round": True, "grad_prec": None}
+          "fast_log": True, "grad_prec": "bf16x3"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,14 +120,24 @@ def _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K: tl.constexpr, H
 
 
 @triton.jit
-def _to_tf32(x, ROUND: tl.constexpr):
-    """x rounded to the nearest tf32 (GPU only), for tf32 products: wgmma reads fp32 operands by dropping their
-    13 low mantissa bits, a truncation that shrinks every operand by 2^-11 on average; a bias that survives
-    sums over many tokens (d beta), where nearest rounding's errors average out."""
-    if ROUND:
-        x = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-    return x
+def _split_bf16(x):
+    """fp32 x as hi + lo, both bf16 (~16 significant bits together, against tf32's 11)."""
+    hi = x.to(tl.bfloat16)
+    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _dot_split(a, a_hi, a_lo, b, GRAD_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b with fp32 a and b: three bf16 products of the hi/lo parts (a's given: the caller splits it once),
+    fp32 accumulation, if SPLIT; else one product at GRAD_PREC."""
+    if SPLIT:
+        b_hi, b_lo = _split_bf16(b)
+        product = tl.dot(a_lo, b_hi)
+        product = tl.dot(a_hi, b_lo, product)
+        product = tl.dot(a_hi, b_hi, product)
+    else:
+        product = tl.dot(a, b, input_precision=GRAD_PREC)
+    return product
 
 
 @triton.jit
@@ -367,7 +377,7 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
                       dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                      GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, ROUND_TF32: tl.constexpr):
+                      GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, GRAD_SPLIT: tl.constexpr):
     """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
     factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
     their decays; dq; then the log-decay gradient (reverse cumulative sum of q^ dq^ - k dk inside the chunk
@@ -386,19 +396,19 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
     do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s, shared by the key blocks
-    d_causal = _to_tf32(tl.where(rows[:, None] >= rows[None, :], d, 0.0), ROUND_TF32)
+    d_causal = tl.where(rows[:, None] >= rows[None, :], d, 0.0)
     row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
     for kb in range(0, K, BK):
         _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, d_causal,
                              i_c, i_h, row_base, row_ok, kb + tl.arange(0, BK), rows, blk, scale, H, K, BT, BC, BK,
-                             HAS_BETA, GRAD_PREC, FAST_LOG, ROUND_TF32)
+                             HAS_BETA, GRAD_PREC, FAST_LOG, GRAD_SPLIT)
 
 
 @triton.jit
 def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, d_causal,
                          i_c, i_h, row_base, row_ok, cols, rows, blk, scale, H: tl.constexpr, K: tl.constexpr,
                          BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
-                         GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, ROUND_TF32: tl.constexpr):
+                         GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, GRAD_SPLIT: tl.constexpr):
     """_intra_bwd_kernel's work on key columns ``cols``."""
     NC: tl.constexpr = BT // BC
     log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
@@ -419,10 +429,11 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out
     # benchmark's first shape (docs/kernels.md, v7).
     gaps = _gap_columns(before, end, factored, NC, BC, BK)
     own = blk[:, None] == (tl.arange(0, NC * BK) // BK)[None, :]
-    k_own = _to_tf32(tl.where(own, _repeat_columns(k_rest, BT, NC, BK), 0.0), ROUND_TF32)
-    dq = _sum_column_blocks(gaps * tl.dot(d_causal, k_own, input_precision=GRAD_PREC), BT, NC, BK)
-    q_gap = _to_tf32(_repeat_columns(q_in2, BT, NC, BK) * gaps, ROUND_TF32)
-    dk_all = tl.dot(tl.trans(d_causal), q_gap, input_precision=GRAD_PREC)
+    k_own = tl.where(own, _repeat_columns(k_rest, BT, NC, BK), 0.0)
+    d_hi, d_lo = _split_bf16(d_causal)  # unused without GRAD_SPLIT (dropped by the compiler)
+    dq = _sum_column_blocks(gaps * _dot_split(d_causal, d_hi, d_lo, k_own, GRAD_PREC, GRAD_SPLIT), BT, NC, BK)
+    q_gap = _repeat_columns(q_in2, BT, NC, BK) * gaps
+    dk_all = _dot_split(tl.trans(d_causal), tl.trans(d_hi), tl.trans(d_lo), q_gap, GRAD_PREC, GRAD_SPLIT)
     dk = _sum_column_blocks(tl.where(own, dk_all, 0.0), BT, NC, BK)
     dq *= _flat2(exp_inside, NC, BC, BK)
     dk *= _flat2(exp_rest, NC, BC, BK)
@@ -476,12 +487,11 @@ def _dot_config(dtype: torch.dtype):
 
 
 def _grad_options(dtype: torch.dtype) -> dict:
-    """Products of the intra backward's dq/dk (fp32 operands always): IEEE for fp32 inputs, tf32 for bf16
-    (bf16 operands cost 3x in d f_logit, and in v6 gave wrong results on the H200: docs/kernels.md), with the
-    operands rounded to nearest tf32 on the GPU (``_to_tf32``); CONFIG["grad_prec"] overrides the precision."""
-    precision = CONFIG["grad_prec"] or ("ieee" if dtype == torch.float32 else "tf32")
-    compiled = os.environ.get("TRITON_INTERPRET") != "1"
-    return {"GRAD_PREC": precision, "ROUND_TF32": CONFIG["grad_round"] and precision == "tf32" and compiled}
+    """Products of the intra backward's dq/dk, from fp32 operands: IEEE for fp32 inputs; for bf16 inputs
+    CONFIG["grad_prec"]: "bf16x3" (hi/lo bf16 parts, three products) or a tl.dot precision ("tf32": d beta
+    3x fla's error on the H200, "tf32x3": at fla's level but 4x slower; docs/kernels.md, v7)."""
+    precision = "ieee" if dtype == torch.float32 else CONFIG["grad_prec"]
+    return {"GRAD_PREC": "tf32" if precision == "bf16x3" else precision, "GRAD_SPLIT": precision == "bf16x3"}
 
 
 def _value_block(value_dim: int) -> int:
