@@ -49,6 +49,7 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # (docs/kernels.md).
 # The scans always take 8 warps: with 4, Triton 3.6 miscompiled the bf16 forward scan at K 64 / BV 32 on the
 # H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
+# fast_log: the SFU's lg2.approx in the gate math (utils.gate_log_f_and_k); grad_prec: _grad_options.
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
           "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
@@ -384,9 +385,10 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
     plus the boundary term from the per-chunk pass) and, with the gradient through k, d f_logit and this
     chunk's share of d beta.
 
-    The products that form dq^ and dk take fp32 operands (GRAD_PREC: tf32 products for bf16 inputs): the
-    log-decay gradient is the small difference q^ dq^ - k dk, and bf16-rounded operands there made d f_logit
-    3x and d beta 20x less accurate than fla (measured; docs/kernels.md)."""
+    The products that form dq^ and dk keep ~16 bits of their fp32 operands (GRAD_SPLIT: three bf16 products of
+    hi/lo parts, for bf16 inputs): the log-decay gradient is the small difference q^ dq^ - k dk, summed over
+    every token for d beta; bf16-rounded operands made d beta 20x and tf32 ones (wgmma truncates) 3x less
+    accurate than fla's, the split 1.6x more accurate, and faster than tf32 (docs/kernels.md, v7)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
