@@ -382,7 +382,7 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
     """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
     factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
     their decays; dq; then the log-decay gradient (reverse cumulative sum of q^ dq^ - k dk inside the chunk
-    plus the boundary term from the per-chunk pass) and, with the gradient through k, d f_logit and this
+    plus the chunk-end term, see _bwd_chunk_kernel) and, with the gradient through k, d f_logit and this
     chunk's share of d beta.
 
     The products that form dq^ and dk keep ~16 bits of their fp32 operands (GRAD_SPLIT: three bf16 products of
