@@ -44,12 +44,13 @@ def kernel_specs() -> dict:
     """Per kernel: (JIT function, argument types, constexpr values, launch options), as chunk.py launches them."""
     config = chunk.CONFIG
     cu = {"cu_ptr": "*i32", "chunks_ptr": "*i32"}
-    intra_fwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "a_ptr": "*bf16", "qd_ptr": "*bf16",
+    a_dtype = "*fp32" if chunk._a_split(tl.bfloat16) else "*bf16"
+    intra_fwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "a_ptr": a_dtype, "qd_ptr": "*bf16",
                  "kd_ptr": "*bf16", "total_ptr": "*fp32", **cu, "scale": "fp32"}
     intra_bwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "v_ptr": "*bf16", "do_ptr": "*bf16",
                  "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", "dq_out_ptr": "*bf16",
                  "dx_ptr": "*bf16", "dbeta_ptr": "*fp32", **cu, "scale": "fp32"}
-    bwd_chunk = {"kd_ptr": "*bf16", "v_ptr": "*bf16", "a_ptr": "*bf16", "do_ptr": "*bf16", "hs_ptr": "*fp32",
+    bwd_chunk = {"kd_ptr": "*bf16", "v_ptr": "*bf16", "a_ptr": a_dtype, "do_ptr": "*bf16", "hs_ptr": "*fp32",
                  "ds_ptr": "*fp32", "total_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dv_ptr": "*bf16",
                  "dgc_ptr": "*fp32", **cu}
     dots = {"DOT": tl.bfloat16, "PREC": "tf32"}
@@ -62,7 +63,7 @@ def kernel_specs() -> dict:
                       {**SIZES, "BC": SUB_CHUNK, "BK": config["intra_bwd_block_k"], "HAS_BETA": True,
                        **dots, **chunk._grad_options(torch.bfloat16), **chunk._gate_options()},
                       {"num_warps": config["intra_bwd_warps"], "maxnreg": config["intra_bwd_maxnreg"]}),
-        "bwd_chunk": (chunk._bwd_chunk_kernel, bwd_chunk, {**SIZES, "BV": 32, **dots},
+        "bwd_chunk": (chunk._bwd_chunk_kernel, bwd_chunk, {**SIZES, "BV": 32, **dots, "A_SPLIT": a_dtype == "*fp32"},
                       {"num_warps": config["bwd_chunk_warps"], "maxnreg": None}),
     }
 

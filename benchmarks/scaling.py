@@ -12,9 +12,9 @@ One layout alone (what the driver starts, under torchrun for two processes):
 Every layout trains the same model on random tokens (bf16 on CUDA; the data pipeline is not timed)
 with the trainer's engines (``pretrain.engine.LocalEngine``, ``pretrain.parallel.ParallelEngine``), the
 same micro-batch per GPU, and ``--accumulation`` micro-batches (default 1) per step per data-parallel rank.
-It times ``--steps`` optimizer steps after ``--warmup`` (Triton autotuning and compilation happen there) and
-reports the median step time with the 10th and 90th percentiles (the spread shows how much of a gap is the
-machine's jitter). Efficiency: DP=2 tokens/s over 2 × one GPU's (goal ≥ 95%); TP=2 per-GPU tokens/s over one GPU's
+It times ``--steps`` optimizer steps after ``--warmup`` (Triton autotuning and compilation happen there) and reports the
+median step time with the 10th and 90th percentiles (the spread shows how much of a gap is the machine's
+jitter). Efficiency: DP=2 tokens/s over 2 × one GPU's (goal ≥ 95%); TP=2 per-GPU tokens/s over one GPU's
 (TP trades throughput for memory). ``single-zero2`` is one GPU through the same DeepSpeed ZeRO-2 engine as
 DP=2, with no communication: the difference to ``single`` is the engine's own cost. Copy the table into
 docs/perf.md.

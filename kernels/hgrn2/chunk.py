@@ -53,7 +53,7 @@ FACTOR_SPAN = tl.constexpr(60.0)
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
           "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
-          "fast_log": True, "grad_prec": "bf16x3"}
+          "fast_log": True, "grad_prec": "bf16x3", "a_fp32": False}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
 def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_ptr, hs_ptr, cu_ptr, chunk0_ptr,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                      HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, DOT: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, A_SPLIT: tl.constexpr):
     """One (sequence, head, value block): walk the chunks, carrying the [K, BV] state in registers.
 
     The gates were applied by the intra kernel (decayed q^ and k, chunk totals), so each step is loads and
@@ -290,7 +290,12 @@ def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_
         a_mask = ((t0 + rows) < eos)[:, None] & causal
         a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
         total = tl.load(total_ptr + ((chunk0 + c) * H + i_h) * K + cols_k)
-        o = tl.dot(a.to(DOT), v, input_precision=PREC)
+        if A_SPLIT:  # fp32 A as hi + lo bf16 parts: two products
+            a_hi, a_lo = _split_bf16(a)
+            o = tl.dot(a_lo, v)
+            o = tl.dot(a_hi, v, o)
+        else:
+            o = tl.dot(a.to(DOT), v, input_precision=PREC)
         o += tl.dot(q_dec, state.to(DOT), input_precision=PREC)
         _store_rows(o_ptr, o, t0, eos, i_h, rows, cols_v, H, V)
         state = state * tl.exp(total)[:, None] + tl.dot(tl.trans(k_dec), v, input_precision=PREC)
@@ -332,7 +337,7 @@ def _bwd_dstate_kernel(qd_ptr, do_ptr, total_ptr, dht_ptr, dh0_ptr, ds_ptr, cu_p
 @triton.jit
 def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, dv_ptr, dgc_ptr, cu_ptr,
                       chunks_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, A_SPLIT: tl.constexpr):
     """Split backward, parallel part: one (chunk, head), all of K and V (BV columns at a time), so dq and dk
     need no atomics. di = A^T do + k_dec ds; the inter-chunk dq^ and dk before their decays (do S_prev^T,
     i ds^T); and the part of the chunk-end log-decay gradient sum_v S_end ds_end that comes through the entering
@@ -346,7 +351,8 @@ def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, d
     t0 = bos + c * BT
     rows, cols_k = tl.arange(0, BT), tl.arange(0, K)
     a_mask = ((t0 + rows) < eos)[:, None] & (rows[:, None] >= rows[None, :])
-    a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0).to(DOT)
+    a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
+    a_hi, a_lo = _split_bf16(a)  # used with A_SPLIT (fp32 A)
     k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
     state_base = (i_c.to(tl.int64) * H + i_h) * K * V
     dq = tl.zeros([BT, K], tl.float32)
@@ -360,7 +366,12 @@ def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, d
         ds = tl.load(ds_ptr + state_base + offsets)
         h_prev = tl.load(hs_ptr + state_base + offsets)
         ds_dot = ds.to(DOT)
-        dv = tl.dot(tl.trans(a), do, input_precision=PREC) + tl.dot(k_dec, ds_dot, input_precision=PREC)
+        if A_SPLIT:
+            dv = tl.dot(tl.trans(a_lo), do)
+            dv = tl.dot(tl.trans(a_hi), do, dv)
+        else:
+            dv = tl.dot(tl.trans(a.to(DOT)), do, input_precision=PREC)
+        dv += tl.dot(k_dec, ds_dot, input_precision=PREC)
         _store_rows(dv_ptr, dv, t0, eos, i_h, rows, cols_v, H, V)
         dq += tl.dot(do, tl.trans(h_prev.to(DOT)), input_precision=PREC)
         dk += tl.dot(v, tl.trans(ds_dot), input_precision=PREC)
@@ -503,6 +514,14 @@ def _value_block(value_dim: int) -> int:
     return max(16, value_dim // 2) if value_dim >= 64 else value_dim
 
 
+def _a_split(dot) -> bool:
+    """CONFIG["a_fp32"], bf16 inputs: A stored in fp32 and multiplied as hi + lo bf16 parts in the forward scan
+    and the per-chunk pass (fla keeps A in fp32; with bf16 A our di is 20% less accurate than fla's on the
+    H200). Off by default until timed and checked on the GPU (CPU interpreter: di 1.17e-2 -> 8.96e-3;
+    docs/next-steps.md)."""
+    return CONFIG["a_fp32"] and dot == tl.bfloat16
+
+
 def _gate_options() -> dict:
     """The hardware log in the intra kernels' gate math (not under the interpreter: no inline assembly)."""
     return {"FAST_LOG": CONFIG["fast_log"] and os.environ.get("TRITON_INTERPRET") != "1"}
@@ -536,7 +555,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     dot, prec = _dot_config(q.dtype)
     has_beta = beta is not None
     beta_arg = beta if has_beta else q
-    a = empty((tokens, heads, CHUNK), q.dtype, q.device)
+    a = empty((tokens, heads, CHUNK), torch.float32 if _a_split(dot) else q.dtype, q.device)
     q_dec = empty(q.shape, q.dtype, q.device)
     k_dec = empty(q.shape, q.dtype, q.device)
     totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
@@ -555,6 +574,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
         final if final is not None else q, states if states is not None else q, seqs.cu_seqlens,
         seqs.chunk_offsets, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v,
         HAS_H0=initial_state is not None, STORE_HT=final is not None, STORE_HS=keep_states, DOT=dot, PREC=prec,
+        A_SPLIT=_a_split(dot),
         **_scan_launch(),
     )
     return o, final, (a, q_dec, k_dec, totals, states)
@@ -583,7 +603,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     )
     _bwd_chunk_kernel[(seqs.num_chunks, heads)](
         k_dec, i, a, do, states, ds, totals, dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunks,
-        BV=min(32, value_dim), **sizes, num_warps=CONFIG["bwd_chunk_warps"],
+        BV=min(32, value_dim), A_SPLIT=_a_split(dot), **sizes, num_warps=CONFIG["bwd_chunk_warps"],
     )
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
