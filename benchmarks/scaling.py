@@ -158,6 +158,9 @@ def driver(args) -> None:
         env = {**os.environ, **NCCL_ENV, "PYTHONPATH": python_path}
         subprocess.run(command, check=True, env=env)
         results[name] = json.loads(result_file.read_text())
+        # printed and saved after every layout: a run cut short still leaves what it finished
+        print(f"result {name}: {json.dumps(results[name])}", flush=True)
+        out.write_text(json.dumps(results, indent=2))
     single = results.get("single")
     print("\n| layout | GPUs | step s (p10–p90) | tokens/s | tokens/s per GPU | efficiency | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
