@@ -431,15 +431,14 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out
     q_in = tl.reshape(q, [NC, BC, BK]) * exp_inside
     k_rest = _flat2(tl.reshape(k, [NC, BC, BK]) * exp_rest, NC, BC, BK)
 
-    # pairs (t in sub-chunk m, s in j <= m): q~_t gap(m, j) k~_s as in the forward, one j at a time; the
-    # factors exp(inside_t) and exp(rest_s) are applied once, after the sums
+    # Pairs (t in sub-chunk m, s in j <= m) are q~_t gap(m, j) k~_s as in the forward; the factors exp(inside_t)
+    # and exp(rest_s) are applied once, after the sums. All column sub-chunks j go into one product each:
+    # operands [BT, NC * BK] whose column block j holds sub-chunk j's terms (k~ masked to its rows; q~ times
+    # gap(m_t, j)), then the blocks summed (dq) or the row's own block taken (dk). Two products of width
+    # NC * BK instead of 2 NC of width BK: 0.27 ms less at the benchmark's first shape (docs/kernels.md, v7).
     factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
     end = before + total
     q_in2 = _flat2(q_in, NC, BC, BK)
-    # All column sub-chunks j in one product each: operands [BT, NC * BK] whose column block j holds sub-chunk
-    # j's terms (k~ masked to its rows; q~ times gap(m_t, j)), then the blocks summed (dq) or the row's own
-    # block taken (dk). Two products of width NC * BK instead of 2 NC of width BK: 0.27 ms less at the
-    # benchmark's first shape (docs/kernels.md, v7).
     gaps = _gap_columns(before, end, factored, NC, BC, BK)
     own = blk[:, None] == (tl.arange(0, NC * BK) // BK)[None, :]
     k_own = tl.where(own, _repeat_columns(k_rest, BT, NC, BK), 0.0)
