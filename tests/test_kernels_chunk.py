@@ -160,10 +160,12 @@ def test_chunk_forward_without_grad_keeps_no_states():
     assert relative_error(o.cpu(), ref) <= OUT_TOL, f"seed {seed}"
 
 
-@pytest.mark.parametrize("a_fp32", [False, True])
-def test_chunk_bf16_inputs_close_to_reference(a_fp32, monkeypatch):
-    """bf16 in, bf16 out, fp32 state: errors at bf16's resolution (also with A kept in fp32, an option)."""
-    monkeypatch.setitem(chunk.CONFIG, "a_fp32", a_fp32)
+@pytest.mark.parametrize("options", [{"a_fp32": False}, {"a_fp32": True, "ds_split": False},
+                                     {"a_fp32": True, "ds_split": True}], ids=["a_bf16", "a_fp32", "ds_split"])
+def test_chunk_bf16_inputs_close_to_reference(options, monkeypatch):
+    """bf16 in, bf16 out, fp32 state: errors at bf16's resolution, for each precision option of the kernels."""
+    for name, value in options.items():
+        monkeypatch.setitem(chunk.CONFIG, name, value)
     seed, inputs = _inputs(1, 70, 2, 32, 32, True, True, 1)
     low = {name: (x if name in ("initial_state", "lower_bound") or x is None else x.bfloat16())
            for name, x in inputs.items()}

@@ -49,11 +49,13 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # (docs/kernels.md).
 # The scans always take 8 warps: with 4, Triton 3.6 miscompiled the bf16 forward scan at K 64 / BV 32 on the
 # H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
-# fast_log: the SFU's lg2.approx in the gate math (utils.gate_log_f_and_k); grad_prec: _grad_options.
+# fast_log: the SFU's lg2.approx in the gate math (utils.gate_log_f_and_k); grad_prec: _grad_options;
+# a_fp32: _a_split; ds_split (bf16 inputs, off until timed on the GPU): di's inter-chunk product k_dec ds with
+# the fp32 state gradient as hi + lo parts (CPU interpreter: di 8.81e-3 -> 8.52e-3; docs/kernels.md).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
           "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
-          "fast_log": True, "grad_prec": "bf16x3", "a_fp32": False}
+          "fast_log": True, "grad_prec": "bf16x3", "a_fp32": True, "ds_split": False}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,7 +339,8 @@ def _bwd_dstate_kernel(qd_ptr, do_ptr, total_ptr, dht_ptr, dh0_ptr, ds_ptr, cu_p
 @triton.jit
 def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, dv_ptr, dgc_ptr, cu_ptr,
                       chunks_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, A_SPLIT: tl.constexpr):
+                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, A_SPLIT: tl.constexpr,
+                      DS_SPLIT: tl.constexpr):
     """Split backward, parallel part: one (chunk, head), all of K and V (BV columns at a time), so dq and dk
     need no atomics. di = A^T do + k_dec ds; the inter-chunk dq^ and dk before their decays (do S_prev^T,
     i ds^T); and the part of the chunk-end log-decay gradient sum_v S_end ds_end that comes through the entering
@@ -371,6 +374,8 @@ def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, d
             dv = tl.dot(tl.trans(a_hi), do, dv)
         else:
             dv = tl.dot(tl.trans(a.to(DOT)), do, input_precision=PREC)
+        if DS_SPLIT:  # the fp32 state gradient as hi + lo parts: the rounding of ds out of di's inter part
+            dv = tl.dot(k_dec, (ds - ds_dot.to(tl.float32)).to(DOT), dv)
         dv += tl.dot(k_dec, ds_dot, input_precision=PREC)
         _store_rows(dv_ptr, dv, t0, eos, i_h, rows, cols_v, H, V)
         dq += tl.dot(do, tl.trans(h_prev.to(DOT)), input_precision=PREC)
@@ -515,9 +520,8 @@ def _value_block(value_dim: int) -> int:
 
 def _a_split(dot) -> bool:
     """CONFIG["a_fp32"], bf16 inputs: A stored in fp32 and multiplied as hi + lo bf16 parts in the forward scan
-    and the per-chunk pass (fla keeps A in fp32; with bf16 A our di is 20% less accurate than fla's on the
-    H200). Off by default until timed and checked on the GPU (CPU interpreter: di 1.17e-2 -> 8.96e-3;
-    docs/next-steps.md)."""
+    and the per-chunk pass (fla keeps A in fp32). H200, same run: di 3.02e-3 -> 2.54e-3 (fla 2.50e-3), o
+    2.52e-3 -> 1.92e-3 (fla 2.48e-3), for +0.12 ms of 3.52 forward+backward (docs/kernels.md, v8)."""
     return CONFIG["a_fp32"] and dot == tl.bfloat16
 
 
@@ -602,7 +606,8 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     )
     _bwd_chunk_kernel[(seqs.num_chunks, heads)](
         k_dec, i, a, do, states, ds, totals, dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunks,
-        BV=min(32, value_dim), A_SPLIT=_a_split(dot), **sizes, num_warps=CONFIG["bwd_chunk_warps"],
+        BV=min(32, value_dim), A_SPLIT=_a_split(dot), DS_SPLIT=CONFIG["ds_split"] and dot == tl.bfloat16, **sizes,
+        num_warps=CONFIG["bwd_chunk_warps"],
     )
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
