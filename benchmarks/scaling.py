@@ -9,20 +9,22 @@ One layout alone (what the driver starts, under torchrun for two processes):
 
     torchrun --standalone --nproc-per-node 2 benchmarks/scaling.py --worker tp2
 
-Every layout trains the same model on random tokens (bf16 on CUDA; the data pipeline is not timed)
-with the trainer's engines (``pretrain.engine.LocalEngine``, ``pretrain.parallel.ParallelEngine``), the
-same micro-batch per GPU, and ``--accumulation`` micro-batches (default 1) per step per data-parallel rank.
-It times ``--steps`` optimizer steps after ``--warmup`` (Triton autotuning and compilation happen there) and reports the
-median step time with the 10th and 90th percentiles (the spread shows how much of a gap is the machine's
-jitter). Efficiency: DP=2 tokens/s over 2 × one GPU's (goal ≥ 95%); TP=2 per-GPU tokens/s over one GPU's
-(TP trades throughput for memory). ``single-zero2`` is one GPU through the same DeepSpeed ZeRO-2 engine as
-DP=2, with no communication: the difference to ``single`` is the engine's own cost. Copy the table into
-docs/perf.md.
+Every layout trains the same model on random tokens (bf16 on CUDA; the data pipeline is not timed) with the
+trainer's engines (``pretrain.engine.LocalEngine``, ``pretrain.parallel.ParallelEngine``), the same micro-batch per
+GPU, and ``--accumulation`` micro-batches (default 1) per step per data-parallel rank. It times ``--steps``
+optimizer steps after ``--warmup`` (Triton autotuning and compilation happen there) and reports the median step
+time with the 10th and 90th percentiles (the spread shows how much of a gap is the machine's jitter). ``--rounds
+R`` runs the whole list of layouts R times, one after the other, so that a drift of the machine's speed (clocks,
+power) shows as a spread between rounds instead of as a gap between layouts; the table gives each layout's median
+over the rounds. Efficiency: DP=2 tokens/s over 2 × one GPU's (goal ≥ 95%); TP=2 per-GPU tokens/s over one GPU's
+(TP trades throughput for memory). ``single-zero2`` is one GPU through the same DeepSpeed ZeRO-2 engine as DP=2,
+with no communication: the difference to ``single`` is the engine's own cost. Copy the table into docs/perf.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -42,6 +44,9 @@ LAYOUTS = {
     "single-zero2": dict(nproc=1, tensor=1, zero=2),
     "tp2": dict(nproc=2, tensor=2, zero=1),
     "dp2-zero2": dict(nproc=2, tensor=1, zero=2),
+    # the gradient reduction on its own stream while the backward runs, in buckets of 5·10⁷ elements
+    "dp2-zero2-overlap": dict(nproc=2, tensor=1, zero=2, parallel={"zero_overlap_comm": True,
+                                                                   "zero_bucket_size": 50_000_000}),
 }
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -58,6 +63,10 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ", ".join(LAYOUTS))
+    parser.add_argument("--profile", type=int, default=0,
+                        help="after the timed steps, profile this many more and write the main rank's top GPU "
+                             "kernels next to the result file (NAME.prof.txt)")
+    parser.add_argument("--rounds", type=int, default=1, help="run the list of layouts this many times, interleaved")
     parser.add_argument("--out", default="runs/bench/scaling.json")
     parser.add_argument("--worker", default=None, choices=list(LAYOUTS), help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -78,9 +87,33 @@ def train_config(args, layout: dict):
             "seq_length": args.seq_length,
         },
         "run": {"steps": args.warmup + args.steps, "precision": args.precision},
-        "parallel": {"tensor": layout["tensor"], "zero_stage": layout["zero"]},
+        "parallel": {"tensor": layout["tensor"], "zero_stage": layout["zero"], **layout.get("parallel", {})},
     }
     return config_from_dict(tree)
+
+
+class GcWatch:
+    """Counts Python's garbage collections and their time while ``active`` (a full collection of a process
+    holding DeepSpeed and megatron-core takes ~0.1-0.2 s on a slow CPU: one on either rank stalls both)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.counts = [0, 0, 0]
+        self.seconds = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if not self.active:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.counts[info["generation"]] += 1
+            self.seconds += time.perf_counter() - self._start
+
+    def summary(self) -> dict:
+        return {"collections_per_generation": self.counts, "seconds": self.seconds}
 
 
 def worker(args) -> None:
@@ -94,8 +127,8 @@ def worker(args) -> None:
     engine = build_engine(cfg, cfg.model_config())
     generator = torch.Generator().manual_seed(1000 + engine.dp_rank)
     shape = (args.micro_batch, args.seq_length + 1)
-    times = []
-    for step in range(args.warmup + args.steps):
+
+    def timed_step():
         draws = [torch.randint(0, args.vocab_size, shape, generator=generator) for _ in range(args.accumulation)]
         batches = [Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()) for tokens in draws]
         if engine.device.type == "cuda":
@@ -104,8 +137,18 @@ def worker(args) -> None:
         stats = engine.train_step(batches)
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
+        return stats, time.perf_counter() - start
+
+    times = []
+    collections = GcWatch()
+    for step in range(args.warmup + args.steps):
+        collections.active = step >= args.warmup
+        stats, seconds = timed_step()
         if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
+    collections.active = False
+    if args.profile:
+        write_profile(engine, timed_step, args.profile, Path(args.result).with_suffix(".prof.txt"))
     world = layout["nproc"]
     step_time = statistics.median(times)
     deciles = statistics.quantiles(times, n=10) if len(times) > 1 else [step_time] * 9
@@ -121,6 +164,8 @@ def worker(args) -> None:
         "step_time_p10_p90_s": [deciles[0], deciles[-1]],
         "tokens_per_s": global_tokens / step_time,
         "tokens_per_s_per_gpu": global_tokens / step_time / world,
+        "step_times_s": times,  # in order: a tail of slow steps, periodic or not, shows here
+        "gc_during_timed_steps": collections.summary(),
         "final_loss": stats.loss,
         "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -133,47 +178,89 @@ def worker(args) -> None:
         finish_worker(0)
 
 
-def driver(args) -> None:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name in args.layouts.split(","):
-        layout = LAYOUTS[name]
-        result_file = out.with_name(f"{out.stem}.{name}.json")
-        passthrough = [
-            "--preset", args.preset, "--vocab-size", str(args.vocab_size), "--micro-batch", str(args.micro_batch),
-            "--accumulation", str(args.accumulation),
-            "--seq-length", str(args.seq_length), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--precision", args.precision, "--worker", name, "--result", str(result_file),
-        ]
-        script = str(Path(__file__).resolve())
-        if layout["nproc"] == 1 and layout["zero"] == 0:  # LocalEngine: no process group
-            command = [sys.executable, script, *passthrough]
-        else:
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                       str(layout["nproc"]), script, *passthrough]
-        print("$", " ".join(command), flush=True)
-        # the repository first, then whatever the caller's path had (e.g. wheels installed with --target)
-        python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, **NCCL_ENV, "PYTHONPATH": python_path}
-        subprocess.run(command, check=True, env=env)
-        results[name] = json.loads(result_file.read_text())
-        # printed and saved after every layout: a run cut short still leaves what it finished
-        print(f"result {name}: {json.dumps(results[name])}", flush=True)
-        out.write_text(json.dumps(results, indent=2))
-    single = results.get("single")
-    print("\n| layout | GPUs | step s (p10–p90) | tokens/s | tokens/s per GPU | efficiency | peak GiB |")
+def run_layout(args, name: str, result_file: Path) -> dict:
+    layout = LAYOUTS[name]
+    passthrough = [
+        "--preset", args.preset, "--vocab-size", str(args.vocab_size), "--micro-batch", str(args.micro_batch),
+        "--accumulation", str(args.accumulation),
+        "--seq-length", str(args.seq_length), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--precision", args.precision, "--worker", name, "--result", str(result_file),
+        "--profile", str(args.profile),
+    ]
+    script = str(Path(__file__).resolve())
+    if layout["nproc"] == 1 and layout["zero"] == 0:  # LocalEngine: no process group
+        command = [sys.executable, script, *passthrough]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                   str(layout["nproc"]), script, *passthrough]
+    print("$", " ".join(command), flush=True)
+    # the repository first, then whatever the caller's path had (e.g. wheels installed with --target)
+    python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, **NCCL_ENV, "PYTHONPATH": python_path}
+    subprocess.run(command, check=True, env=env)
+    return json.loads(result_file.read_text())
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each layout's run with the median tokens/s over the rounds, with every round's figure beside it."""
+    summary = {}
+    for name, results in runs.items():
+        ranked = sorted(results, key=lambda r: r["tokens_per_s"])
+        summary[name] = {**ranked[(len(ranked) - 1) // 2], "tokens_per_s_rounds": [r["tokens_per_s"] for r in results]}
+    return summary
+
+
+def print_table(summary: dict[str, dict]) -> None:
+    single = summary.get("single")
+    print("\n| layout | GPUs | step s (p10–p90) | tokens/s (rounds) | tokens/s per GPU | efficiency | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, r in results.items():
+    for name, r in summary.items():
         efficiency = ""
         if single and name != "single":
             ideal = single["tokens_per_s"] * r["world"]
             efficiency = f"{100 * r['tokens_per_s'] / ideal:.1f}% of {r['world']}× one GPU"
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         low, high = r["step_time_p10_p90_s"]
-        print(f"| {name} | {r['world']} | {r['step_time_s']:.3f} ({low:.3f}–{high:.3f}) | {r['tokens_per_s']:,.0f} | "
-              f"{r['tokens_per_s_per_gpu']:,.0f} | {efficiency} | {memory} |")
-    out.write_text(json.dumps(results, indent=2))
+        rounds = " / ".join(f"{value:,.0f}" for value in r["tokens_per_s_rounds"])
+        print(f"| {name} | {r['world']} | {r['step_time_s']:.3f} ({low:.3f}–{high:.3f}) | {r['tokens_per_s']:,.0f} "
+              f"({rounds}) | {r['tokens_per_s_per_gpu']:,.0f} | {efficiency} | {memory} |")
+
+
+def write_profile(engine, timed_step, steps: int, path: Path) -> None:
+    """Profile ``steps`` more steps; the main rank writes its kernels by GPU time and the GPU's busy share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall = sum(timed_step()[1] for _ in range(steps))
+    if not engine.is_main:
+        return
+    events = prof.key_averages()
+    kernel_seconds = sum(event.self_device_time_total for event in events) / 1e6
+    header = (f"{steps} steps, {wall:.3f} s wall, {kernel_seconds:.3f} s of GPU kernels "
+              f"({100 * kernel_seconds / wall:.1f}% busy; overlapping streams count twice)\n")
+    sort = "self_device_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(header + events.table(sort_by=sort, row_limit=45, max_name_column_width=70))
+
+
+def driver(args) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = args.layouts.split(",")
+    unknown = [name for name in names if name not in LAYOUTS]
+    if unknown:
+        raise SystemExit(f"--layouts: unknown {unknown}; choose from {', '.join(LAYOUTS)}")
+    runs: dict[str, list[dict]] = {}
+    for round_index in range(args.rounds):
+        for name in names:
+            result = run_layout(args, name, out.with_name(f"{out.stem}.{name}.json"))
+            result["round"] = round_index
+            runs.setdefault(name, []).append(result)
+            # printed and saved after every run: a call cut short still leaves what it finished
+            brief = {key: value for key, value in result.items() if key != "step_times_s"}
+            print(f"result {name}: {json.dumps(brief)}", flush=True)
+            out.write_text(json.dumps({"summary": summarize(runs), "runs": runs}, indent=2))
+    print_table(summarize(runs))
     print(f"\nwrote {out}")
 
 

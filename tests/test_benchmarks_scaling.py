@@ -1,0 +1,44 @@
+"""benchmarks/scaling.py end to end on the CPU: the driver starts every layout as the device would (one process,
+or torchrun with two over gloo), interleaves the rounds and keeps each run's figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "scaling.py"
+TINY = ["--preset", "tiny", "--micro-batch", "2", "--seq-length", "64", "--warmup", "1"]
+
+
+def run_driver(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *TINY, "--out", str(tmp_path / "scaling.json"), *extra],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def test_scaling_rounds_keep_every_run(tmp_path):
+    done = run_driver(tmp_path, "--steps", "3", "--rounds", "2", "--layouts", "single,dp2-zero2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((tmp_path / "scaling.json").read_text())
+    for name, world in (("single", 1), ("dp2-zero2", 2)):
+        runs = saved["runs"][name]
+        assert [run["round"] for run in runs] == [0, 1]
+        for run in runs:
+            assert run["world"] == world and len(run["step_times_s"]) == 3
+            assert math.isfinite(run["final_loss"]) and run["tokens_per_s"] > 0
+            assert sum(run["gc_during_timed_steps"]["collections_per_generation"]) >= 0
+        assert saved["summary"][name]["tokens_per_s"] in saved["summary"][name]["tokens_per_s_rounds"]
+    # every round starts from the same seeds: the rounds repeat the same training, only the timing differs
+    losses = [run["final_loss"] for run in saved["runs"]["dp2-zero2"]]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert "% of 2× one GPU" in done.stdout
+
+
+def test_scaling_refuses_an_unknown_layout(tmp_path):
+    done = run_driver(tmp_path, "--layouts", "single,dp4")
+    assert done.returncode != 0 and "unknown ['dp4']" in done.stderr
