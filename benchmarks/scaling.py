@@ -226,21 +226,64 @@ def print_table(summary: dict[str, dict]) -> None:
               f"({rounds}) | {r['tokens_per_s_per_gpu']:,.0f} | {efficiency} | {memory} |")
 
 
+def merged_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by possibly overlapping intervals."""
+    covered, reach = 0.0, float("-inf")
+    for begin, finish in sorted(intervals):
+        if finish > reach:
+            covered += finish - max(begin, reach)
+            reach = finish
+    return covered
+
+
+def step_breakdown(events, steps: int) -> list[str]:
+    """Per profiled step: wall, GPU idle (no kernel on any stream) and host time blocked in CUDA syncs. Idle
+    with little blocking means the host could not launch fast enough; idle while blocked means the GPU
+    waited on something else (e.g. the other rank in a collective)."""
+    from torch.autograd import DeviceType
+
+    windows = {e.name: e.time_range for e in events if e.name.startswith("timed step ")}
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    syncs = [(e.time_range.start, e.time_range.end) for e in events
+             if e.device_type == DeviceType.CPU and "Synchronize" in e.name]
+    lines = []
+    for index in range(steps):
+        window = windows.get(f"timed step {index}")
+        if window is None:
+            continue
+        inside = [(max(b, window.start), min(f, window.end)) for b, f in kernels if f > window.start and b < window.end]
+        blocked = [(max(b, window.start), min(f, window.end)) for b, f in syncs if f > window.start and b < window.end]
+        wall = window.end - window.start
+        line = f"step {index}: {wall / 1e3:.1f} ms wall"
+        if kernels:  # a CUDA run
+            line += (f", GPU idle {(wall - merged_length(inside)) / 1e3:.1f} ms, host blocked in syncs "
+                     f"{merged_length(blocked) / 1e3:.1f} ms")
+        lines.append(line)
+    return lines
+
+
 def write_profile(engine, timed_step, steps: int, path: Path) -> None:
-    """Profile ``steps`` more steps; the main rank writes its kernels by GPU time and the GPU's busy share."""
-    from torch.profiler import ProfilerActivity, profile
+    """Profile ``steps`` more steps; the main rank writes each step's GPU idle and host-blocked time, then its
+    operators by GPU time and by host time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        wall = sum(timed_step()[1] for _ in range(steps))
+        wall = 0.0
+        for index in range(steps):
+            with record_function(f"timed step {index}"):
+                wall += timed_step()[1]
     if not engine.is_main:
         return
-    events = prof.key_averages()
-    kernel_seconds = sum(event.self_device_time_total for event in events) / 1e6
-    header = (f"{steps} steps, {wall:.3f} s wall, {kernel_seconds:.3f} s of GPU kernels "
-              f"({100 * kernel_seconds / wall:.1f}% busy; overlapping streams count twice)\n")
-    sort = "self_device_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
-    path.write_text(header + events.table(sort_by=sort, row_limit=45, max_name_column_width=70))
+    averages = prof.key_averages()
+    kernel_seconds = sum(event.self_device_time_total for event in averages) / 1e6
+    text = [f"{steps} steps, {wall:.3f} s wall, {kernel_seconds:.3f} s of GPU kernels "
+            f"({100 * kernel_seconds / wall:.1f}% busy; overlapping streams count twice)"]
+    text += step_breakdown(prof.events(), steps)
+    if engine.device.type == "cuda":
+        text.append(averages.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70))
+    text.append(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    path.write_text("\n".join(text) + "\n")
 
 
 def driver(args) -> None:

@@ -3,6 +3,7 @@ or torchrun with two over gloo), interleaves the rounds and keeps each run's fig
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -42,3 +43,12 @@ def test_scaling_rounds_keep_every_run(tmp_path):
 def test_scaling_refuses_an_unknown_layout(tmp_path):
     done = run_driver(tmp_path, "--layouts", "single,dp4")
     assert done.returncode != 0 and "unknown ['dp4']" in done.stderr
+
+
+def test_merged_length_counts_overlaps_once():
+    spec = importlib.util.spec_from_file_location("scaling_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    merged_length = module.merged_length
+    assert merged_length([]) == 0.0
+    assert merged_length([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == pytest.approx(4.0)
