@@ -18,7 +18,9 @@ R`` runs the whole list of layouts R times, one after the other, so that a drift
 power) shows as a spread between rounds instead of as a gap between layouts; the table gives each layout's median
 over the rounds. Efficiency: DP=2 tokens/s over 2 × one GPU's (goal ≥ 95%); TP=2 per-GPU tokens/s over one GPU's
 (TP trades throughput for memory). ``single-zero2`` is one GPU through the same DeepSpeed ZeRO-2 engine as DP=2,
-with no communication: the difference to ``single`` is the engine's own cost. Copy the table into docs/perf.md.
+with no communication: the difference to ``single`` is the engine's own cost. ``dp2-zero1`` (gradients all-reduced
+after the backward, no per-parameter reduction hooks during it) and ``dp2-zero2-overlap`` (DeepSpeed's
+``overlap_comm``) are the variants to compare against ``dp2-zero2``. Copy the table into docs/perf.md.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ LAYOUTS = {
     "single-zero2": dict(nproc=1, tensor=1, zero=2),
     "tp2": dict(nproc=2, tensor=2, zero=1),
     "dp2-zero2": dict(nproc=2, tensor=1, zero=2),
+    # ZeRO-1: gradients all-reduced after the backward instead of reduced by per-parameter hooks during it
+    "dp2-zero1": dict(nproc=2, tensor=1, zero=1),
     # the gradient reduction on its own stream while the backward runs, in buckets of 5·10⁷ elements
     "dp2-zero2-overlap": dict(nproc=2, tensor=1, zero=2, parallel={"zero_overlap_comm": True,
                                                                    "zero_bucket_size": 50_000_000}),
