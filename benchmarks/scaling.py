@@ -43,6 +43,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 
 LAYOUTS = {
     "single": dict(nproc=1, tensor=1, zero=0),
+    "single-zero1": dict(nproc=1, tensor=1, zero=1),
     "single-zero2": dict(nproc=1, tensor=1, zero=2),
     "tp2": dict(nproc=2, tensor=2, zero=1),
     "dp2-zero2": dict(nproc=2, tensor=1, zero=2),
@@ -59,6 +60,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="385m")
     parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--model", default="{}",
+                        help='JSON dict of model fields over the preset, e.g. \'{"num_layers": 26}\' with --preset '
+                             'tiny: the host work of a 26-layer model with next to no GPU work')
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per GPU per step")
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--accumulation", type=int, default=1,
@@ -82,7 +86,7 @@ def train_config(args, layout: dict):
 
     dp = layout["nproc"] // layout["tensor"]
     tree = {
-        "model": {"preset": args.preset, "vocab_size": args.vocab_size},
+        "model": {"preset": args.preset, "vocab_size": args.vocab_size, **json.loads(args.model)},
         "data": {"mix_dir": "unused"},
         "schedule": {"name": "constant"},
         "batch": {
@@ -185,7 +189,8 @@ def worker(args) -> None:
 def run_layout(args, name: str, result_file: Path) -> dict:
     layout = LAYOUTS[name]
     passthrough = [
-        "--preset", args.preset, "--vocab-size", str(args.vocab_size), "--micro-batch", str(args.micro_batch),
+        "--preset", args.preset, "--vocab-size", str(args.vocab_size), "--model", args.model,
+        "--micro-batch", str(args.micro_batch),
         "--accumulation", str(args.accumulation),
         "--seq-length", str(args.seq_length), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--precision", args.precision, "--worker", name, "--result", str(result_file),
