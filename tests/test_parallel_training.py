@@ -132,6 +132,12 @@ def test_layout_matches_single_process(name, references, runs):
     assert losses <= 1e-4, (result["losses"], single["losses"])
     assert not any(result["skipped"])
     assert single["losses"][-1] < single["losses"][0] - 0.5, "the test model should learn"
+    if "--zero" in args and args[args.index("--zero") + 1] in ("1", "2"):
+        # ZeRO-1/2's gradient norm and overflow check as multi-tensor kernels (pretrain.parallel.zero_norms)
+        checks = result["zero_norms"]
+        for ours, deepspeed in checks["norms"]:
+            assert ours == pytest.approx(deepspeed, rel=1e-6)
+        assert checks["overflow"] == [False, False, True, True]
 
 
 def _resume(source: str, target: str, single, runs):

@@ -39,6 +39,7 @@ from pretrain.engine import (
     parameter_groups,
 )
 from pretrain.parallel import distributed as pdist
+from pretrain.parallel import zero_norms
 from pretrain.parallel.layout import ParallelLayout, layout_from_config
 from pretrain.parallel.tensor_parallel import (
     apply_tensor_parallel,
@@ -205,6 +206,7 @@ class ParallelEngine:
             )
         self.model = self.engine.module
         zero_opt = self.engine.optimizer
+        zero_norms.install(zero_opt)
         original_step = zero_opt.step
 
         def step_with_hook(*args, **kwargs):

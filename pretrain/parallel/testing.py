@@ -115,6 +115,30 @@ def _reference(cfg, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, grads
 
 
+def compare_zero_norms(engine) -> dict | None:
+    """``pretrain.parallel.zero_norms`` against DeepSpeed's own loops on the gradients about to be stepped on:
+    the norm of every parameter group, and the overflow check on clean gradients and with a NaN planted in
+    this rank's first gradient (None where the multi-tensor versions are not installed)."""
+    optimizer = engine.engine.optimizer
+    if "get_grad_norm_direct" not in vars(optimizer):
+        return None
+    deepspeed_class = type(optimizer)
+    norms = []
+    for group, gradients in optimizer.averaged_gradients.items():
+        params = optimizer.params_in_partition[group]
+        norms.append([float(optimizer.get_grad_norm_direct(gradients, params)),
+                      float(deepspeed_class.get_grad_norm_direct(optimizer, gradients, params))])
+    overflow = [bool(optimizer.has_overflow_partitioned_grads_serial()),
+                bool(deepspeed_class.has_overflow_partitioned_grads_serial(optimizer))]
+    planted = next(g for grads in optimizer.averaged_gradients.values() for g in grads if g is not None and g.numel())
+    kept = planted.view(-1)[0].clone()
+    planted.view(-1)[0] = float("nan")
+    overflow += [bool(optimizer.has_overflow_partitioned_grads_serial()),
+                 bool(deepspeed_class.has_overflow_partitioned_grads_serial(optimizer))]
+    planted.view(-1)[0] = kept
+    return {"norms": norms, "overflow": overflow}
+
+
 def log(message: str) -> None:
     if os.environ.get("RANK") == "0":
         print(f"[worker] {message}", file=sys.stderr, flush=True)
@@ -170,6 +194,7 @@ def main(argv=None) -> None:
         def hook(eng):
             if not captured:
                 captured["grads"] = eng.full_gradients()
+                captured["zero_norms"] = compare_zero_norms(eng)
                 captured["done"] = True
 
         engine.grad_hook = hook
@@ -183,6 +208,8 @@ def main(argv=None) -> None:
         if args.save_at is not None and step + 1 == args.save_at:
             engine.save(out / "ckpt")
     log(f"trained {time.time() - started:.1f}s")
+    if not args.resume and captured.get("zero_norms") is not None:
+        result["zero_norms"] = captured["zero_norms"]
     eval_sum, eval_tokens = engine.eval_loss(micro_batches(99, cfg, engine.dp_rank, engine.dp_size)[0])
     result["eval"] = engine.reduce_sum([eval_sum, eval_tokens])
     result["seconds"] = time.time() - started
