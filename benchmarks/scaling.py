@@ -45,6 +45,8 @@ LAYOUTS = {
     "single": dict(nproc=1, tensor=1, zero=0),
     "single-zero1": dict(nproc=1, tensor=1, zero=1),
     "single-zero2": dict(nproc=1, tensor=1, zero=2),
+    # the same with DeepSpeed's own per-tensor norm and overflow loops (pretrain.parallel.zero_norms off)
+    "single-zero2-loops": dict(nproc=1, tensor=1, zero=2, parallel={"zero_multi_tensor_checks": False}),
     "tp2": dict(nproc=2, tensor=2, zero=1),
     "dp2-zero2": dict(nproc=2, tensor=1, zero=2),
     # ZeRO-1: gradients all-reduced after the backward instead of reduced by per-parameter hooks during it

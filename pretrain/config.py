@@ -142,6 +142,9 @@ class ParallelSection:
     # is off for stages 1-2 and on for 3), and the bucket size in elements for reduce and all-gather.
     zero_overlap_comm: bool | None = None
     zero_bucket_size: int = 500_000_000
+    # ZeRO-1/2's gradient norm and overflow check as multi-tensor kernels (pretrain.parallel.zero_norms);
+    # false keeps DeepSpeed's per-tensor loops
+    zero_multi_tensor_checks: bool = True
 
 
 @dataclass

@@ -206,7 +206,8 @@ class ParallelEngine:
             )
         self.model = self.engine.module
         zero_opt = self.engine.optimizer
-        zero_norms.install(zero_opt)
+        if self.cfg.parallel.zero_multi_tensor_checks:
+            zero_norms.install(zero_opt)
         original_step = zero_opt.step
 
         def step_with_hook(*args, **kwargs):
