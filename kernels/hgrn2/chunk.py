@@ -50,12 +50,14 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # The scans always take 8 warps: with 4, Triton 3.6 miscompiled the bf16 forward scan at K 64 / BV 32 on the
 # H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
 # fast_log: the SFU's lg2.approx in the gate math (utils.gate_log_f_and_k); grad_prec: _grad_options;
-# a_fp32: _a_split; ds_split (bf16 inputs, off until timed on the GPU): di's inter-chunk product k_dec ds with
-# the fp32 state gradient as hi + lo parts (CPU interpreter: di 8.81e-3 -> 8.52e-3; docs/kernels.md).
+# a_fp32: _a_split. Off until timed on the GPU (bf16 inputs, docs/kernels.md "Not done"): a_prec "bf16x3",
+# A's products in the intra forward on hi + lo parts of the decayed q and k (with a_fp32); ds_split, di's
+# inter-chunk product k_dec ds on hi + lo parts of dS. CPU interpreter, T 256: o 8.6e-3 -> 3.6e-3, di
+# 8.8e-3 -> 4.7e-3 (a_prec) -> 4.1e-3 (both).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
           "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
-          "fast_log": True, "grad_prec": "bf16x3", "a_fp32": True, "ds_split": False}
+          "fast_log": True, "grad_prec": "bf16x3", "a_fp32": True, "ds_split": False, "a_prec": "bf16"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,7 +214,8 @@ def _sum_column_blocks(x, BT: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr):
 @triton.jit
 def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale,
                       H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, FAST_LOG: tl.constexpr):
+                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, FAST_LOG: tl.constexpr,
+                      A_PREC_SPLIT: tl.constexpr):
     """One chunk: A [BT, BT], the scan's operands q^ exp(cum) and k exp(cum_last - cum), and the chunk's total
     log-decay, BK key columns at a time (the gates of each row computed once).
 
@@ -249,7 +252,11 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
         for j in tl.static_range(0, NC):
             q_gap = _flat2(q_in * _gap(before, end, sub, j, factored)[:, None, :], NC, BC, BK)
             k_j = _flat2(tl.where((sub == j)[:, None, None], k_rest, 0.0), NC, BC, BK)
-            a += tl.dot(q_gap.to(DOT), tl.trans(k_j.to(DOT)), input_precision=PREC)
+            if A_PREC_SPLIT:  # the decayed q and k as hi + lo parts: A to ~16 bits instead of bf16's 8
+                q_hi, q_lo = _split_bf16(q_gap)
+                a += _dot_split(q_gap, q_hi, q_lo, tl.trans(k_j), PREC, True)
+            else:
+                a += tl.dot(q_gap.to(DOT), tl.trans(k_j.to(DOT)), input_precision=PREC)
         if not factored:  # the diagonal sub-chunks one column s at a time: exp(inside_t - inside_s), t >= s
             inside2 = _flat2(inside, NC, BC, BK)
             for s in range(BT):
@@ -565,7 +572,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     _intra_fwd_kernel[(seqs.num_chunks, heads)](
         q, f_logit, beta_arg, a, q_dec, k_dec, totals, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim,
         BT=CHUNK, BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_fwd_block_k"), HAS_BETA=has_beta, DOT=dot, PREC=prec,
-        **_gate_options(),
+        A_PREC_SPLIT=_a_split(dot) and CONFIG["a_prec"] == "bf16x3", **_gate_options(),
         num_warps=CONFIG["intra_fwd_warps"], **_maxnreg("intra_fwd_maxnreg"),
     )
     o = empty(i.shape, i.dtype, i.device)
