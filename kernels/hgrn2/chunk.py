@@ -253,8 +253,12 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
             q_gap = _flat2(q_in * _gap(before, end, sub, j, factored)[:, None, :], NC, BC, BK)
             k_j = _flat2(tl.where((sub == j)[:, None, None], k_rest, 0.0), NC, BC, BK)
             if A_PREC_SPLIT:  # the decayed q and k as hi + lo parts: A to ~16 bits instead of bf16's 8
+                # (k split before its transpose: Triton 3.6 crashed on a split transposed fp32 tile, v7)
                 q_hi, q_lo = _split_bf16(q_gap)
-                a += _dot_split(q_gap, q_hi, q_lo, tl.trans(k_j), PREC, True)
+                k_hi, k_lo = _split_bf16(k_j)
+                a = tl.dot(q_lo, tl.trans(k_hi), a)
+                a = tl.dot(q_hi, tl.trans(k_lo), a)
+                a = tl.dot(q_hi, tl.trans(k_hi), a)
             else:
                 a += tl.dot(q_gap.to(DOT), tl.trans(k_j.to(DOT)), input_precision=PREC)
         if not factored:  # the diagonal sub-chunks one column s at a time: exp(inside_t - inside_s), t >= s
