@@ -74,8 +74,8 @@ def parse_args(argv=None):
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ", ".join(LAYOUTS))
     parser.add_argument("--profile", type=int, default=0,
-                        help="after the timed steps, profile this many more and write the main rank's top GPU "
-                             "kernels next to the result file (NAME.prof.txt)")
+                        help="after the timed steps, profile this many more; the main rank writes each step's GPU "
+                             "idle and host-blocked time and its operators by GPU and host time (NAME.prof.txt)")
     parser.add_argument("--rounds", type=int, default=1, help="run the list of layouts this many times, interleaved")
     parser.add_argument("--out", default="runs/bench/scaling.json")
     parser.add_argument("--worker", default=None, choices=list(LAYOUTS), help=argparse.SUPPRESS)
@@ -213,7 +213,8 @@ def run_layout(args, name: str, result_file: Path) -> dict:
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    """Each layout's run with the median tokens/s over the rounds, with every round's figure beside it."""
+    """Each layout's run with the median tokens/s over the rounds (the lower of the middle two for an even
+    count), with every round's figure beside it."""
     summary = {}
     for name, results in runs.items():
         ranked = sorted(results, key=lambda r: r["tokens_per_s"])
