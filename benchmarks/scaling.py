@@ -20,7 +20,8 @@ over the rounds. Efficiency: DP=2 tokens/s over 2 × one GPU's (goal ≥ 95%); T
 (TP trades throughput for memory). ``single-zero2`` is one GPU through the same DeepSpeed ZeRO-2 engine as DP=2,
 with no communication: the difference to ``single`` is the engine's own cost. ``dp2-zero1`` (gradients all-reduced
 after the backward, no per-parameter reduction hooks during it) and ``dp2-zero2-overlap`` (DeepSpeed's
-``overlap_comm``) are the variants to compare against ``dp2-zero2``. Copy the table into docs/perf.md.
+``overlap_comm``) and ``dp2-zero2-loops`` (DeepSpeed's own norm and overflow loops) are the variants to
+compare against ``dp2-zero2``. Copy the table into docs/perf.md.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ LAYOUTS = {
     "single-zero2-loops": dict(nproc=1, tensor=1, zero=2, parallel={"zero_multi_tensor_checks": False}),
     "tp2": dict(nproc=2, tensor=2, zero=1),
     "dp2-zero2": dict(nproc=2, tensor=1, zero=2),
+    "dp2-zero2-loops": dict(nproc=2, tensor=1, zero=2, parallel={"zero_multi_tensor_checks": False}),
     # ZeRO-1: gradients all-reduced after the backward instead of reduced by per-parameter hooks during it
     "dp2-zero1": dict(nproc=2, tensor=1, zero=1),
     # the gradient reduction on its own stream while the backward runs, in buckets of 5·10⁷ elements
