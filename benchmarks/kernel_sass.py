@@ -64,8 +64,7 @@ def kernel_specs() -> dict:
                       {**SIZES, "BC": SUB_CHUNK, "BK": config["intra_bwd_block_k"], "HAS_BETA": True,
                        **dots, **chunk._grad_options(torch.bfloat16), **chunk._gate_options()},
                       {"num_warps": config["intra_bwd_warps"], "maxnreg": config["intra_bwd_maxnreg"]}),
-        "bwd_chunk": (chunk._bwd_chunk_kernel, bwd_chunk, {**SIZES, "BV": 32, **dots, "A_SPLIT": a_dtype == "*fp32",
-                                                      "DS_SPLIT": config["ds_split"]},
+        "bwd_chunk": (chunk._bwd_chunk_kernel, bwd_chunk, {**SIZES, "BV": 32, **dots, "A_SPLIT": a_dtype == "*fp32"},
                       {"num_warps": config["bwd_chunk_warps"], "maxnreg": None}),
     }
 

@@ -50,14 +50,13 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # The scans always take 8 warps: with 4, Triton 3.6 miscompiled the bf16 forward scan at K 64 / BV 32 on the
 # H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
 # fast_log: the SFU's lg2.approx in the gate math (utils.gate_log_f_and_k); grad_prec: _grad_options;
-# a_fp32: _a_split. Off until timed on the GPU (bf16 inputs, docs/kernels.md "Not done"): a_prec "bf16x3",
-# A's products in the intra forward on hi + lo parts of the decayed q and k (with a_fp32); ds_split, di's
-# inter-chunk product k_dec ds on hi + lo parts of dS. CPU interpreter, T 256: o 8.6e-3 -> 3.6e-3, di
-# 8.8e-3 -> 4.7e-3 (a_prec) -> 4.1e-3 (both).
+# a_fp32: _a_split; a_prec "bf16x3" (bf16 inputs, with a_fp32): A's products in the intra forward on hi + lo
+# parts of the decayed q and k, so A carries ~16 bits instead of bf16's 8 (H200: di 2.54e-3 -> 2.42e-3, fla
+# 2.50e-3; o 1.92e-3 -> 1.76e-3; +0.08 ms of 3.66 forward+backward; docs/kernels.md, v9).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
           "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
-          "fast_log": True, "grad_prec": "bf16x3", "a_fp32": True, "ds_split": False, "a_prec": "bf16"}
+          "fast_log": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,8 +349,7 @@ def _bwd_dstate_kernel(qd_ptr, do_ptr, total_ptr, dht_ptr, dh0_ptr, ds_ptr, cu_p
 @triton.jit
 def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, dv_ptr, dgc_ptr, cu_ptr,
                       chunks_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, A_SPLIT: tl.constexpr,
-                      DS_SPLIT: tl.constexpr):
+                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, A_SPLIT: tl.constexpr):
     """Split backward, parallel part: one (chunk, head), all of K and V (BV columns at a time), so dq and dk
     need no atomics. di = A^T do + k_dec ds; the inter-chunk dq^ and dk before their decays (do S_prev^T,
     i ds^T); and the part of the chunk-end log-decay gradient sum_v S_end ds_end that comes through the entering
@@ -385,8 +383,6 @@ def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, d
             dv = tl.dot(tl.trans(a_hi), do, dv)
         else:
             dv = tl.dot(tl.trans(a.to(DOT)), do, input_precision=PREC)
-        if DS_SPLIT:  # the fp32 state gradient as hi + lo parts: the rounding of ds out of di's inter part
-            dv = tl.dot(k_dec, (ds - ds_dot.to(tl.float32)).to(DOT), dv)
         dv += tl.dot(k_dec, ds_dot, input_precision=PREC)
         _store_rows(dv_ptr, dv, t0, eos, i_h, rows, cols_v, H, V)
         dq += tl.dot(do, tl.trans(h_prev.to(DOT)), input_precision=PREC)
@@ -617,7 +613,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     )
     _bwd_chunk_kernel[(seqs.num_chunks, heads)](
         k_dec, i, a, do, states, ds, totals, dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunks,
-        BV=min(32, value_dim), A_SPLIT=_a_split(dot), DS_SPLIT=CONFIG["ds_split"] and dot == tl.bfloat16, **sizes,
+        BV=min(32, value_dim), A_SPLIT=_a_split(dot), **sizes,
         num_warps=CONFIG["bwd_chunk_warps"],
     )
     dq = empty(q.shape, q.dtype, q.device)
