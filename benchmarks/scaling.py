@@ -76,8 +76,9 @@ def parse_args(argv=None):
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ", ".join(LAYOUTS))
     parser.add_argument("--profile", type=int, default=0,
-                        help="after the timed steps, profile this many more; the main rank writes each step's GPU "
-                             "idle and host-blocked time and its operators by GPU and host time (NAME.prof.txt)")
+                        help="after the timed steps, profile this many more; the main rank writes each step's time "
+                             "without compute kernels, in collectives and host-blocked, and its operators by GPU "
+                             "and host time (NAME.prof.txt)")
     parser.add_argument("--rounds", type=int, default=1, help="run the list of layouts this many times, interleaved")
     parser.add_argument("--out", default="runs/bench/scaling.json")
     parser.add_argument("--worker", default=None, choices=list(LAYOUTS), help=argparse.SUPPRESS)
@@ -251,33 +252,40 @@ def merged_length(intervals: list[tuple[float, float]]) -> float:
 
 
 def step_breakdown(events, steps: int) -> list[str]:
-    """Per profiled step: wall, GPU idle (no kernel on any stream) and host time blocked in CUDA syncs. Idle
-    with little blocking means the host could not launch fast enough; idle while blocked means the GPU
-    waited on something else (e.g. the other rank in a collective)."""
+    """Per profiled step: wall, time with no compute kernel on any stream, the part of the step spent in NCCL
+    collectives, and host time blocked in CUDA syncs. A collective's kernel spins while it waits for the other
+    rank, so on DP layouts a host-bound rank shows as collective time on its peer rather than as idle time;
+    without compute and with little blocking means the host could not launch fast enough."""
     from torch.autograd import DeviceType
 
     windows = {e.name: e.time_range for e in events if e.name.startswith("timed step ")}
-    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    compute = [(e.time_range.start, e.time_range.end) for e in gpu if not e.name.startswith("nccl")]
+    collectives = [(e.time_range.start, e.time_range.end) for e in gpu if e.name.startswith("nccl")]
     syncs = [(e.time_range.start, e.time_range.end) for e in events
              if e.device_type == DeviceType.CPU and "Synchronize" in e.name]
+
+    def inside(spans, window):
+        return merged_length([(max(b, window.start), min(f, window.end)) for b, f in spans
+                              if f > window.start and b < window.end])
+
     lines = []
     for index in range(steps):
         window = windows.get(f"timed step {index}")
         if window is None:
             continue
-        inside = [(max(b, window.start), min(f, window.end)) for b, f in kernels if f > window.start and b < window.end]
-        blocked = [(max(b, window.start), min(f, window.end)) for b, f in syncs if f > window.start and b < window.end]
         wall = window.end - window.start
         line = f"step {index}: {wall / 1e3:.1f} ms wall"
-        if kernels:  # a CUDA run
-            line += (f", GPU idle {(wall - merged_length(inside)) / 1e3:.1f} ms, host blocked in syncs "
-                     f"{merged_length(blocked) / 1e3:.1f} ms")
+        if gpu:  # a CUDA run
+            line += (f", no compute kernel {(wall - inside(compute, window)) / 1e3:.1f} ms, in collectives "
+                     f"{inside(collectives, window) / 1e3:.1f} ms, host blocked in syncs "
+                     f"{inside(syncs, window) / 1e3:.1f} ms")
         lines.append(line)
     return lines
 
 
 def write_profile(engine, timed_step, steps: int, path: Path) -> None:
-    """Profile ``steps`` more steps; the main rank writes each step's GPU idle and host-blocked time, then its
+    """Profile ``steps`` more steps; the main rank writes each step's breakdown (step_breakdown), then its
     operators by GPU time and by host time."""
     from torch.profiler import ProfilerActivity, profile, record_function
 

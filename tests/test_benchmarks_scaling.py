@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -57,6 +58,25 @@ def test_merged_length_counts_overlaps_once():
     merged_length = load_scaling().merged_length
     assert merged_length([]) == 0.0
     assert merged_length([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == pytest.approx(4.0)
+
+
+def test_step_breakdown_separates_collectives_from_compute():
+    """A step of 10 ms: compute kernels for 0-4 and 3-6 ms, a collective spinning 6-9 ms, the host blocked in
+    a sync 5-9 ms; times in microseconds, as the profiler gives them."""
+    from torch.autograd import DeviceType
+
+    def event(name, start, end, device_type):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device_type)
+
+    events = [event("timed step 0", 0, 10_000, DeviceType.CPU),
+              event("ampere_gemm", 0, 4_000, DeviceType.CUDA),
+              event("_intra_bwd_kernel", 3_000, 6_000, DeviceType.CUDA),
+              event("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 6_000, 9_000, DeviceType.CUDA),
+              event("cudaStreamSynchronize", 5_000, 9_000, DeviceType.CPU),
+              event("ampere_gemm", 12_000, 13_000, DeviceType.CUDA)]  # after the step: not counted
+    lines = load_scaling().step_breakdown(events, 1)
+    assert lines == ["step 0: 10.0 ms wall, no compute kernel 4.0 ms, in collectives 3.0 ms, "
+                     "host blocked in syncs 4.0 ms"]
 
 
 def test_gc_watch_counts_only_while_active():
