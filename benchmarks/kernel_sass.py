@@ -58,7 +58,7 @@ def kernel_specs() -> dict:
         "intra_fwd": (chunk._intra_fwd_kernel, intra_fwd,
                       {"H": HEADS, "K": DIM, "BT": chunk.CHUNK, "BC": SUB_CHUNK, "BK": config["intra_fwd_block_k"],
                        "HAS_BETA": True, **dots, **chunk._gate_options(),
-                       "A_PREC_SPLIT": a_dtype == "*fp32" and config["a_prec"] == "bf16x3"},
+                       "A_PREC_SPLIT": chunk._a_prec_split(tl.bfloat16)},
                       {"num_warps": config["intra_fwd_warps"], "maxnreg": config["intra_fwd_maxnreg"]}),
         "intra_bwd": (chunk._intra_bwd_kernel, intra_bwd,
                       {**SIZES, "BC": SUB_CHUNK, "BK": config["intra_bwd_block_k"], "HAS_BETA": True,

@@ -532,6 +532,11 @@ def _a_split(dot) -> bool:
     return CONFIG["a_fp32"] and dot == tl.bfloat16
 
 
+def _a_prec_split(dot) -> bool:
+    """CONFIG["a_prec"] "bf16x3" with fp32 A: the intra forward forms A's products from hi + lo parts."""
+    return _a_split(dot) and CONFIG["a_prec"] == "bf16x3"
+
+
 def _gate_options() -> dict:
     """The hardware log in the intra kernels' gate math (not under the interpreter: no inline assembly)."""
     return {"FAST_LOG": CONFIG["fast_log"] and os.environ.get("TRITON_INTERPRET") != "1"}
@@ -572,7 +577,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     _intra_fwd_kernel[(seqs.num_chunks, heads)](
         q, f_logit, beta_arg, a, q_dec, k_dec, totals, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim,
         BT=CHUNK, BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_fwd_block_k"), HAS_BETA=has_beta, DOT=dot, PREC=prec,
-        A_PREC_SPLIT=_a_split(dot) and CONFIG["a_prec"] == "bf16x3", **_gate_options(),
+        A_PREC_SPLIT=_a_prec_split(dot), **_gate_options(),
         num_warps=CONFIG["intra_fwd_warps"], **_maxnreg("intra_fwd_maxnreg"),
     )
     o = empty(i.shape, i.dtype, i.device)
@@ -613,8 +618,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     )
     _bwd_chunk_kernel[(seqs.num_chunks, heads)](
         k_dec, i, a, do, states, ds, totals, dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunks,
-        BV=min(32, value_dim), A_SPLIT=_a_split(dot), **sizes,
-        num_warps=CONFIG["bwd_chunk_warps"],
+        BV=min(32, value_dim), A_SPLIT=_a_split(dot), **sizes, num_warps=CONFIG["bwd_chunk_warps"],
     )
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
