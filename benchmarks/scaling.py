@@ -19,7 +19,7 @@ power) shows as a spread between rounds instead of as a gap between layouts; the
 over the rounds. Efficiency: DP=2 tokens/s over 2 × one GPU's (goal ≥ 95%); TP=2 per-GPU tokens/s over one GPU's
 (TP trades throughput for memory). ``single-zero2`` is one GPU through the same DeepSpeed ZeRO-2 engine as DP=2,
 with no communication: the difference to ``single`` is the engine's own cost. ``dp2-zero1`` (gradients all-reduced
-after the backward, no per-parameter reduction hooks during it) and ``dp2-zero2-overlap`` (DeepSpeed's
+after the backward, no per-parameter reduction hooks during it), ``dp2-zero2-overlap`` (DeepSpeed's
 ``overlap_comm``) and ``dp2-zero2-loops`` (DeepSpeed's own norm and overflow loops) are the variants to
 compare against ``dp2-zero2``. Copy the table into docs/perf.md.
 """
