@@ -48,7 +48,7 @@ def make_inputs(batch, seq_len, heads, dim, seed=0):
 
 
 def ours(q, f_logit, i, lower_bound):
-    return chunk_hgrn2(F.silu(q), f_logit, i, lower_bound)[0]
+    return chunk_hgrn2(q, f_logit, i, lower_bound, swish_q=True)[0]
 
 
 def fla_path(q, f_logit, i, lower_bound):

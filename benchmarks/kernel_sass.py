@@ -1,6 +1,7 @@
 """Compile the heavy HGRN2 kernels for sm_90 without a GPU: registers, spills, and where the SASS comes from.
 
-    python benchmarks/kernel_sass.py [--kernels intra_fwd,intra_bwd,bwd_chunk] [--config '{"intra_bwd_warps": 8}']
+    python benchmarks/kernel_sass.py [--kernels intra_fwd,fwd_scan,intra_bwd,bwd_dv,bwd_inter]
+                                     [--config '{"intra_bwd_warps": 8}']
 
 At the benchmark's first shape (H 16, n 128, bf16 inputs, with a lower bound) and the launch settings of
 ``kernels.hgrn2.chunk.CONFIG`` (updated by ``--config``), each kernel is compiled with Triton for sm_90 and
@@ -46,32 +47,49 @@ def kernel_specs() -> dict:
     cu = {"cu_ptr": "*i32", "chunks_ptr": "*i32"}
     a_dtype = "*fp32" if chunk._a_split(tl.bfloat16) else "*bf16"
     intra_fwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "a_ptr": a_dtype, "qd_ptr": "*bf16",
-                 "kd_ptr": "*bf16", "total_ptr": "*fp32", **cu, "scale": "fp32"}
+                 "kd_ptr": "*bf16", "total_ptr": "*fp32", "flag_ptr": "*i32", **cu, "scale": "fp32"}
     intra_bwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "v_ptr": "*bf16", "do_ptr": "*bf16",
                  "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", "dq_out_ptr": "*bf16",
-                 "dx_ptr": "*bf16", "dbeta_ptr": "*fp32", **cu, "scale": "fp32"}
-    bwd_chunk = {"kd_ptr": "*bf16", "v_ptr": "*bf16", "a_ptr": a_dtype, "do_ptr": "*bf16", "hs_ptr": "*fp32",
-                 "ds_ptr": "*fp32", "total_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dv_ptr": "*bf16",
-                 "dgc_ptr": "*fp32", **cu}
+                 "dx_ptr": "*bf16", "dbeta_ptr": "*fp32", "flag_ptr": "*i32", **cu, "scale": "fp32"}
+    bwd_dv = {"kd_ptr": "*bf16", "a_ptr": a_dtype, "do_ptr": "*bf16", "ds_ptr": "*fp32", "dv_ptr": "*bf16", **cu}
+    bwd_inter = {"v_ptr": "*bf16", "do_ptr": "*bf16", "hs_ptr": "*fp32", "ds_ptr": "*fp32", "total_ptr": "*fp32",
+                 "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", **cu}
+    scan = {"qd_ptr": "*bf16", "kd_ptr": "*bf16", "total_ptr": "*fp32", "v_ptr": "*bf16", "a_ptr": a_dtype,
+            "o_ptr": "*bf16", "h0_ptr": "*fp32", "ht_ptr": "*fp32", "hs_ptr": "*fp32", "cu_ptr": "*i32",
+            "chunk0_ptr": "*i32"}
     dots = {"DOT": tl.bfloat16, "PREC": "tf32"}
+    scan_launch = {"num_warps": config["scan_warps"], "num_stages": config["scan_stages"],
+                   "maxnreg": config["scan_maxnreg"]}
     return {
         "intra_fwd": (chunk._intra_fwd_kernel, intra_fwd,
                       {"H": HEADS, "K": DIM, "BT": chunk.CHUNK, "BC": SUB_CHUNK, "BK": config["intra_fwd_block_k"],
                        "HAS_BETA": True, **dots, **chunk._gate_options(),
-                       "A_PREC_SPLIT": chunk._a_prec_split(tl.bfloat16)},
-                      {"num_warps": config["intra_fwd_warps"], "maxnreg": config["intra_fwd_maxnreg"]}),
+                       "A_PREC_SPLIT": chunk._a_prec_split(tl.bfloat16), "DIAGONAL_LOOP": False, "SWISH_Q": True},
+                      {"num_warps": config["intra_fwd_warps"], "maxnreg": config["intra_fwd_maxnreg"],
+                       "num_stages": config["intra_fwd_stages"]}),
+        "fwd_scan": (chunk._fwd_scan_kernel, scan,
+                     {**SIZES, "BV": chunk._value_block(DIM), "HAS_H0": False, "STORE_HT": False, "STORE_HS": True,
+                      **dots, "A_SPLIT": a_dtype == "*fp32"}, scan_launch),
         "intra_bwd": (chunk._intra_bwd_kernel, intra_bwd,
                       {**SIZES, "BC": SUB_CHUNK, "BK": config["intra_bwd_block_k"], "HAS_BETA": True,
-                       **dots, **chunk._grad_options(torch.bfloat16), **chunk._gate_options()},
+                       **dots, **chunk._grad_options(torch.bfloat16), **chunk._gate_options(),
+                       "DIAGONAL_LOOP": False, "SWISH_Q": True},
                       {"num_warps": config["intra_bwd_warps"], "maxnreg": config["intra_bwd_maxnreg"]}),
-        "bwd_chunk": (chunk._bwd_chunk_kernel, bwd_chunk, {**SIZES, "BV": 32, **dots, "A_SPLIT": a_dtype == "*fp32"},
-                      {"num_warps": config["bwd_chunk_warps"], "maxnreg": None}),
+        "bwd_dv": (chunk._bwd_dv_kernel, bwd_dv, {**SIZES, "BV": config["dv_block_v"], **dots,
+                                                   "A_SPLIT": a_dtype == "*fp32"},
+                   {"num_warps": config["dv_warps"], "maxnreg": None}),
+        "bwd_inter": (chunk._bwd_inter_kernel, bwd_inter, {**SIZES, "BK": config["inter_block_k"],
+                                                           "BV": config["inter_block_v"], **dots},
+                      {"num_warps": config["inter_warps"], "num_stages": config["inter_stages"]}),
     }
 
 
 def compile_for_hopper(fn, arg_types: dict, constexprs: dict, options: dict):
     signature = {**arg_types, **{name: "constexpr" for name in constexprs}}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    # as the launcher specialises them: torch's allocations are 16-byte aligned (vectorised loads and stores)
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in arg_types.items()
+               if kind.startswith("*")}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
     options = {name: value for name, value in options.items() if value is not None}
     return triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
 
@@ -113,7 +131,7 @@ def source_text(path: str, line: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernels", default="intra_fwd,intra_bwd,bwd_chunk")
+    parser.add_argument("--kernels", default="intra_fwd,fwd_scan,intra_bwd,bwd_dv,bwd_inter")
     parser.add_argument("--config", default="{}", help="a JSON dict merged into kernels.hgrn2.chunk.CONFIG")
     parser.add_argument("--lines", type=int, default=15, help="source lines to list per kernel")
     args = parser.parse_args()
@@ -123,7 +141,8 @@ def main() -> None:
         fn, arg_types, constexprs, options = specs[name]
         compiled = compile_for_hopper(fn, arg_types, constexprs, options)
         total, per_line, opcodes = sass_by_line(compiled.asm["cubin"])
-        print(f"== {name} {options}: {total} SASS instructions; {ptxas_report(compiled.asm['ptx'])}")
+        print(f"== {name} {options}: {total} SASS instructions; {compiled.metadata.shared} B shared memory; "
+              f"{ptxas_report(compiled.asm['ptx'])}")
         for (path, line), count in per_line.most_common(args.lines):
             top = ", ".join(f"{op} {n}" for op, n in opcodes[(path, line)].most_common(3))
             print(f"{count:6d}  {Path(path).name}:{line:<5d} {source_text(path, line):80s}  [{top}]")

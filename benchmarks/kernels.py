@@ -6,7 +6,8 @@ Usage (on a CUDA machine; fla optional):
 
 Every timed path starts from the same tensors: pre-activation q, f_logit, i (bf16) and the lower bound. The
 fla path does the gate preparation fla's HGRN2 layer does outside its kernel (swish, logsigmoid, logaddexp
-with the bound, k = 1 - exp(g)); ours fuses the gates, and applies swish to q in torch like fla. Timings are
+with the bound, k = 1 - exp(g)); ours fuses the gates and the swish of q (`swish_q`, as the model calls it).
+Timings are
 medians of triton.testing.do_bench. Results go to stdout and, with --out, to JSON and a markdown table.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ SHAPES = [(8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (32, 2048,
 DECODE_BATCHES = (1, 16, 128)
 HBM_BYTES_PER_S = 3.02e12  # measured device copy on the H100 (DESIGN.md section 6)
 MATMUL_FLOP_PER_S = 750e12
+VARIANT_TAG = "variant-result "
 
 
 def floors(batch, seq_len, heads, dim):
@@ -86,8 +89,11 @@ def fp32_check():
     return rows
 
 
-def time_ms(fn, warmup=25, rep=100):
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+def time_ms(fn, warmup=25, rep=100, grad_to_none=None):
+    """Median ms of fn; ``grad_to_none``: leaves whose .grad is reset before every call, so that a backward
+    writes fresh gradients as in training (zero_grad(set_to_none=True)) rather than timing torch's
+    accumulation into .grad (three to four elementwise kernels, ~0.14 ms at the first shape, in every path)."""
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median", grad_to_none=grad_to_none)
 
 
 def time_paths(shape, use_fla, use_sdpa):
@@ -101,7 +107,7 @@ def time_paths(shape, use_fla, use_sdpa):
     for name, fn in paths.items():
         with torch.no_grad():
             fwd = time_ms(lambda fn=fn: fn(**inputs))
-        fwdbwd = time_ms(lambda fn=fn: fn(**leaves).backward(do), warmup=50)
+        fwdbwd = time_ms(lambda fn=fn: fn(**leaves).backward(do), warmup=50, grad_to_none=list(leaves.values()))
         results[name] = (fwd, fwdbwd)
     if use_sdpa:
         results.update(time_sdpa(shape))
@@ -121,11 +127,11 @@ def time_sdpa(shape):
         try:
             if backend is None:
                 fwd = time_ms(lambda: attention().detach())
-                fwdbwd = time_ms(lambda: attention().backward(do))
+                fwdbwd = time_ms(lambda: attention().backward(do), grad_to_none=[q, k, v])
             else:
                 with sdpa_kernel(backend):
                     fwd = time_ms(lambda: attention().detach())
-                    fwdbwd = time_ms(lambda: attention().backward(do))
+                    fwdbwd = time_ms(lambda: attention().backward(do), grad_to_none=[q, k, v])
             results[label] = (fwd, fwdbwd)
         except RuntimeError as error:  # a backend may not support the shape
             print(f"  {label} failed: {error}", flush=True)
@@ -180,24 +186,34 @@ def decode_times(use_fla):
     return {batch: decode_row(batch, use_fla) for batch in DECODE_BATCHES}
 
 
-def variants_sweep(shape, configs):
-    """fwd+bwd of ours under each launch-setting variant (bf16)."""
+def time_variant(shape, config):
+    """fwd and fwd+bwd of ours (bf16) under one launch-setting variant, in this process."""
+    chunk_module.CONFIG.update(config)
     inputs = make_inputs(*shape)
     leaves = {n: x.detach().clone().requires_grad_() for n, x in inputs.items()}
     do = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    base = dict(chunk_module.CONFIG)
+    with torch.no_grad():
+        fwd = time_ms(lambda: ours(**inputs))
+    return fwd, time_ms(lambda: ours(**leaves).backward(do), grad_to_none=list(leaves.values()))
+
+
+def variants_sweep(shape_index, configs, base_config):
+    """Each variant in its own process: a variant that crashes (an illegal address ends the CUDA context) or
+    fails to compile costs only its own row."""
     rows = []
     for config in configs:
-        chunk_module.CONFIG.update(base | config)
+        command = [sys.executable, __file__, "--time-variant", json.dumps(config), "--config",
+                   json.dumps(base_config), "--shapes", str(shape_index)]
         try:
-            with torch.no_grad():
-                fwd = time_ms(lambda: ours(**inputs))
-            fwdbwd = time_ms(lambda: ours(**leaves).backward(do))
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            lines = [line for line in done.stdout.splitlines() if line.startswith(VARIANT_TAG)]
+            if not lines:
+                raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+            fwd, fwdbwd = json.loads(lines[-1][len(VARIANT_TAG):])
             rows.append((config, fwd, fwdbwd))
             print(f"  variant {config}: fwd {fwd:.3f} ms, fwd+bwd {fwdbwd:.3f} ms", flush=True)
-        except Exception as error:  # a variant may fail to compile (resources)
-            print(f"  variant {config} failed: {type(error).__name__}: {error}"[:300], flush=True)
-    chunk_module.CONFIG.update(base)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            print(f"  variant {config} failed: {error}"[:300], flush=True)
     return rows
 
 
@@ -271,8 +287,13 @@ def main():
     parser.add_argument("--shapes", default="all", help="'all' or indices into SHAPES, e.g. 0,2")
     parser.add_argument("--fla-shapes", default="all", help="shapes (indices) at which fla is also run")
     parser.add_argument("--fp32-check", action="store_true")
+    parser.add_argument("--time-variant", help=argparse.SUPPRESS)  # one --variants row (a child process)
     args = parser.parse_args()
     chunk_module.CONFIG.update(json.loads(args.config))
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(n)] for n in args.shapes.split(",")]
+    if args.time_variant:
+        print(VARIANT_TAG + json.dumps(time_variant(shapes[0], json.loads(args.time_variant))), flush=True)
+        return
     use_fla = not args.no_fla
     if use_fla:
         try:
@@ -280,7 +301,6 @@ def main():
         except ImportError:
             print("fla not importable: skipping it", flush=True)
             use_fla = False
-    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(n)] for n in args.shapes.split(",")]
     import triton
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -291,7 +311,8 @@ def main():
     start = time.time()
     if args.variants:
         sweep = [json.loads(v) for v in args.variants]
-        rows = variants_sweep(shapes[0], sweep)
+        first = 0 if args.shapes == "all" else int(args.shapes.split(",")[0])
+        rows = variants_sweep(first, sweep, json.loads(args.config))
         if rows and not args.keep_config:  # time everything below with the fastest variant
             best = min(rows, key=lambda row: row[2])[0]
             chunk_module.CONFIG.update(best)

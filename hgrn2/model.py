@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hgrn2.config import HGRN2Config
@@ -47,7 +46,7 @@ class HGRU2(nn.Module):
         return x.unflatten(-1, (-1, self.head_dim))
 
     def _gates(self, x: torch.Tensor, lower_bound: torch.Tensor | None):
-        q = self._heads(F.silu(self.q_proj(x)))
+        q = self._heads(self.q_proj(x))  # pre-swish: the recurrence applies it (fused in the Triton kernels)
         f_logit = self._heads(self.f_proj(x))
         i = self._heads(self.i_proj(x))
         bound = None if lower_bound is None else self._heads(lower_bound)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from kernels.hgrn2 import naive
 
@@ -47,15 +48,17 @@ def hgrn2_recurrence(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """o [B, T, H, V] (and the final state [N, H, K, V]) for post-swish q, f_logit [B, T, H, K], i."""
-    args = (q, f_logit, i, lower_bound, None, initial_state, output_final_state, cu_seqlens)
+    """o [B, T, H, V] (and the final state [N, H, K, V]) for pre-swish q, f_logit [B, T, H, K], i: the Triton
+    kernels apply swish to q themselves, the torch backends first."""
     backend = resolve_backend(backend, q.device)
+    if backend == "triton":
+        chunk_hgrn2, _ = _triton_ops()
+        return chunk_hgrn2(q, f_logit, i, lower_bound, None, initial_state, output_final_state, cu_seqlens,
+                           swish_q=True)
+    args = (F.silu(q), f_logit, i, lower_bound, None, initial_state, output_final_state, cu_seqlens)
     if backend == "naive":
         return naive.hgrn2_recurrent_reference(*args)
-    if backend == "chunk_torch":
-        return naive.hgrn2_chunk_torch(*args, chunk_size=chunk_size)
-    chunk_hgrn2, _ = _triton_ops()
-    return chunk_hgrn2(*args)
+    return naive.hgrn2_chunk_torch(*args, chunk_size=chunk_size)
 
 
 def hgrn2_decode(
@@ -66,7 +69,9 @@ def hgrn2_decode(
     state: torch.Tensor,
     lower_bound: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One recurrent step (q, f_logit [B, H, K], i [B, H, V]); updates ``state`` [B, H, K, V] in place."""
+    """One recurrent step (pre-swish q, f_logit [B, H, K], i [B, H, V]); updates ``state`` [B, H, K, V] in
+    place."""
+    q = F.silu(q)
     if resolve_backend(backend, q.device) == "triton":
         _, decode_hgrn2 = _triton_ops()
         return decode_hgrn2(q, f_logit, i, state, lower_bound)

@@ -7,6 +7,7 @@ the kernels write starts as NaN.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -46,13 +47,18 @@ def _run(fn, inputs, cu_seqlens, device, scale=None):
     return o, final, {name: x.grad for name, x in leaves.items()}
 
 
-def _check(inputs, seed, cu_seqlens=None, scale=None, grad_tol=None, log_bound_grad=False):
+def _check(inputs, seed, cu_seqlens=None, scale=None, grad_tol=None, log_bound_grad=False, swish_q=False):
     """Outputs and gradients against the float64 reference; with ``log_bound_grad`` the bound's gradient is
-    compared as beta * d beta, the gradient with respect to log beta."""
+    compared as beta * d beta, the gradient with respect to log beta. With ``swish_q`` q is pre-activation:
+    the kernels apply swish, the reference takes torch's swish of it (in float64)."""
+    ours, reference = chunk.chunk_hgrn2, hgrn2_recurrent_reference
+    if swish_q:
+        ours = functools.partial(chunk.chunk_hgrn2, swish_q=True)
+        reference = lambda q, **rest: hgrn2_recurrent_reference(torch.nn.functional.silu(q), **rest)  # noqa: E731
     with poisoned_buffers(chunk):
-        o, final, grads = _run(chunk.chunk_hgrn2, inputs, cu_seqlens, DEVICE, scale)
+        o, final, grads = _run(ours, inputs, cu_seqlens, DEVICE, scale)
     ref_inputs = {name: None if x is None else x.double() for name, x in inputs.items()}
-    ref_o, ref_final, ref_grads = _run(hgrn2_recurrent_reference, ref_inputs, cu_seqlens, "cpu", scale)
+    ref_o, ref_final, ref_grads = _run(reference, ref_inputs, cu_seqlens, "cpu", scale)
     errors = {"o": relative_error(o.cpu(), ref_o), "final_state": relative_error(final.cpu(), ref_final)}
     assert max(errors.values()) <= OUT_TOL, f"seed {seed}: {errors}"
     if log_bound_grad:
@@ -78,6 +84,16 @@ def _check(inputs, seed, cu_seqlens=None, scale=None, grad_tol=None, log_bound_g
 def test_chunk_matches_reference(batch, seq_len, heads, dim, bounded, with_h0):
     seed, inputs = _inputs(batch, seq_len, heads, dim, dim, bounded, with_h0, batch)
     _check(inputs, seed)
+
+
+@pytest.mark.parametrize("extreme", [False, True])
+def test_chunk_swish_q_matches_swish_in_torch(extreme):
+    """swish_q: pre-activation q in, the gradient with respect to it out (also through the launches that sum
+    the diagonal sub-chunks column by column, with extreme gates)."""
+    seed, inputs = _inputs(2, 90, 2, 32, 32, True, True, 2, gate_shift=-60.0 if extreme else 0.0,
+                           gate_spread=20.0 if extreme else 1.0)
+    inputs["q"] = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(seed)) * 2
+    _check(inputs, seed, swish_q=True, log_bound_grad=extreme, grad_tol={"df_logit": 1e-3} if extreme else None)
 
 
 @pytest.mark.parametrize("with_h0,bounded", [(True, True), (False, False)])

@@ -23,6 +23,7 @@ Launches, backward: state-gradient scan (reverse, sequential over chunks: the st
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -53,9 +54,14 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # a_fp32: _a_split; a_prec "bf16x3" (bf16 inputs, with a_fp32): A's products in the intra forward on hi + lo
 # parts of the decayed q and k, so A carries ~16 bits instead of bf16's 8 (H200: di 2.54e-3 -> 2.42e-3, fla
 # 2.50e-3; o 1.92e-3 -> 1.76e-3; +0.08 ms of 3.66 forward+backward; docs/kernels.md, v9).
+# dv_* and inter_*: the backward's two per-chunk launches (_bwd_dv_kernel, _bwd_inter_kernel; v10). The
+# register caps apply to the first launch of the intra kernels only (the column-at-a-time loop is not capped).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
-          "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": None, "scan_maxnreg": None,
-          "bwd_chunk_warps": 8, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
+          "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": 168,
+          "scan_maxnreg": None,
+          "dv_warps": 4, "dv_block_v": 64, "inter_warps": 4, "inter_block_k": 64, "inter_block_v": 64,
+          "inter_stages": 2, "intra_fwd_stages": None,
+          "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
           "fast_log": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3"}
 
 
@@ -124,6 +130,23 @@ def _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K: tl.constexpr, H
 
 
 @triton.jit
+def _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q: tl.constexpr):
+    """scale * q of a key block; with SWISH_Q the stored q is pre-activation and swish is applied here."""
+    q = _load_key_block(q_ptr, row_base, row_ok, cols)
+    if SWISH_Q:
+        q = q * tl.sigmoid(q)
+    return q * scale
+
+
+@triton.jit
+def _swish_grad(q_ptr, row_base, row_ok, cols):
+    """d swish(x) / dx = sigma(x) (1 + x (1 - sigma(x))) at the stored pre-activation q."""
+    x = _load_key_block(q_ptr, row_base, row_ok, cols)
+    sig = tl.sigmoid(x)
+    return sig * (1.0 + x * (1.0 - sig))
+
+
+@triton.jit
 def _split_bf16(x):
     """fp32 x as hi + lo, both bf16 (~16 significant bits together, against tf32's 11)."""
     hi = x.to(tl.bfloat16)
@@ -185,12 +208,12 @@ def _gap(before, end, sub, j, with_diagonal):
 
 
 @triton.jit
-def _gap_columns(before, end, factored, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+def _gap_columns(before, end, FACTORED: tl.constexpr, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """Every _gap at once, laid out for one product over all column sub-chunks: [NC * BC, NC * BK], row t and
-    column block j hold gap(m_t, j) = exp(before_m - end_j) (0 for j after m; at j = m only if ``factored``)."""
+    column block j hold gap(m_t, j) = exp(before_m - end_j) (0 for j after m; at j = m only if FACTORED)."""
     m = tl.arange(0, NC)[:, None, None]
     j = tl.arange(0, NC)[None, :, None]
-    valid = tl.where(factored, m >= j, m > j)
+    valid = m >= j if FACTORED else m > j
     gaps = tl.exp(tl.where(valid, before[:, None, :] - end[None, :, :], float("-inf")))
     return tl.reshape(tl.broadcast_to(gaps[:, None, :, :], [NC, BC, NC, BK]), [NC * BC, NC * BK])
 
@@ -211,10 +234,11 @@ def _sum_column_blocks(x, BT: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr):
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale,
-                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, FAST_LOG: tl.constexpr,
-                      A_PREC_SPLIT: tl.constexpr):
+def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, flag_ptr, cu_ptr, chunks_ptr,
+                      scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                      BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                      FAST_LOG: tl.constexpr, A_PREC_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr,
+                      SWISH_Q: tl.constexpr):
     """One chunk: A [BT, BT], the scan's operands q^ exp(cum) and k exp(cum_last - cum), and the chunk's total
     log-decay, BK key columns at a time (the gates of each row computed once).
 
@@ -224,8 +248,32 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
     large, so it is used only when the decay spans less than FACTOR_SPAN in every sub-chunk of this column
     block; otherwise the diagonal sub-chunks are summed one column at a time. Two full-tile exponentials per
     element; every other decay is a per-sub-chunk vector.
+
+    Launched twice, like _intra_bwd_kernel: the first launch (DIAGONAL_LOOP false) has no column-at-a-time
+    loop (its registers made the kernel spill) and stores in flag_ptr whether a key block of the chunk needed
+    it; the second redoes only the flagged chunks, with the loop, and overwrites their outputs.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
+    flag_ptr += i_c * H + i_h
+    if DIAGONAL_LOOP:
+        if tl.load(flag_ptr) != 0:
+            _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale, i_c,
+                             i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_LOG, A_PREC_SPLIT, DIAGONAL_LOOP,
+                             SWISH_Q)
+    else:
+        unfactored = _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr,
+                                      scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_LOG, A_PREC_SPLIT,
+                                      DIAGONAL_LOOP, SWISH_Q)
+        tl.store(flag_ptr, unfactored)
+
+
+@triton.jit
+def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h,
+                     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                     HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, FAST_LOG: tl.constexpr,
+                     A_PREC_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
+    """_intra_fwd_kernel's work on one chunk; returns the number of key blocks whose diagonal sub-chunks do
+    not factor (without DIAGONAL_LOOP their A entries are wrong: the second launch redoes the chunk)."""
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     NC: tl.constexpr = BT // BC
@@ -234,10 +282,11 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
     blk = rows // BC
     row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
     a = tl.zeros([BT, BT], tl.float32)
+    unfactored = 0
     for kb in range(0, K, BK):  # a loop, not unrolled: the unrolled kernel stalled on instruction fetch
         cols = kb + tl.arange(0, BK)
         log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
-        q = _load_key_block(q_ptr, row_base, row_ok, cols) * scale
+        q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q)
         inside, rest, total, before, after = _subchunk_decays(log_f, NC, BC, BK)
         q_in = tl.reshape(q, [NC, BC, BK]) * tl.exp(inside)
         k_rest = tl.reshape(k, [NC, BC, BK]) * tl.exp(rest)
@@ -245,6 +294,7 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
         _store_key_block(kd_ptr, _flat2(k_rest * tl.exp(after)[:, None, :], NC, BC, BK), row_base, row_ok, cols)
         tl.store(total_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, tl.sum(total, 0))
         factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
+        unfactored += tl.where(factored, 0, 1)
         end = before + total
         # one product per column sub-chunk j (one product over all of them, as the backward takes, measured
         # 0.2 ms slower here: docs/kernels.md, v7)
@@ -260,16 +310,18 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
                 a = tl.dot(q_hi, tl.trans(k_hi), a)
             else:
                 a += tl.dot(q_gap.to(DOT), tl.trans(k_j.to(DOT)), input_precision=PREC)
-        if not factored:  # the diagonal sub-chunks one column s at a time: exp(inside_t - inside_s), t >= s
-            inside2 = _flat2(inside, NC, BC, BK)
-            for s in range(BT):
-                in_block = ((blk == s // BC) & (rows >= s))[:, None]
-                decay = tl.exp(tl.where(in_block, inside2 - _row(inside2, rows, s)[None, :], float("-inf")))
-                a_col = tl.sum(q * _row(k, rows, s)[None, :] * decay, axis=1)
-                a += tl.where((rows == s)[None, :], a_col[:, None], 0.0)
+        if DIAGONAL_LOOP:  # noqa: SIM102 (a compile-time and a run-time condition: Triton cannot mix them)
+            if not factored:  # the diagonal sub-chunks one column s at a time: exp(inside_t - inside_s), t >= s
+                inside2 = _flat2(inside, NC, BC, BK)
+                for s in range(BT):
+                    in_block = ((blk == s // BC) & (rows >= s))[:, None]
+                    decay = tl.exp(tl.where(in_block, inside2 - _row(inside2, rows, s)[None, :], float("-inf")))
+                    a_col = tl.sum(q * _row(k, rows, s)[None, :] * decay, axis=1)
+                    a += tl.where((rows == s)[None, :], a_col[:, None], 0.0)
     a = tl.where(rows[:, None] >= rows[None, :], a, 0.0)  # the diagonal sub-chunks' products cover s > t too
     a_ptrs, a_mask = _tile_ptrs(a_ptr, t0, eos, i_h, rows, rows, H, BT)
     tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=a_mask)
+    return unfactored
 
 
 @triton.jit
@@ -347,72 +399,114 @@ def _bwd_dstate_kernel(qd_ptr, do_ptr, total_ptr, dht_ptr, dh0_ptr, ds_ptr, cu_p
 
 
 @triton.jit
-def _bwd_chunk_kernel(kd_ptr, v_ptr, a_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, dv_ptr, dgc_ptr, cu_ptr,
-                      chunks_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, A_SPLIT: tl.constexpr):
-    """Split backward, parallel part: one (chunk, head), all of K and V (BV columns at a time), so dq and dk
-    need no atomics. di = A^T do + k_dec ds; the inter-chunk dq^ and dk before their decays (do S_prev^T,
-    i ds^T); and the part of the chunk-end log-decay gradient sum_v S_end ds_end that comes through the entering
-    state, exp(total) sum_v S_prev ds_end. The rest of it, sum_t k_dec_t (i_t ds_end^T), is the chunk's
-    sum of k dk over the inter-chunk dk, which the intra backward adds from the very values it subtracts in
-    q^ dq^ - k dk: the two cancel exactly whatever the rounding of dk (with S_end formed here they did not,
-    and bf16 rounding left d beta 5x less accurate than fla's, which sums it the same way)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+def _bwd_dv_kernel(kd_ptr, a_ptr, do_ptr, ds_ptr, dv_ptr, cu_ptr, chunks_ptr, H: tl.constexpr, K: tl.constexpr,
+                   V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                   A_SPLIT: tl.constexpr):
+    """Parallel part of the backward, value gradient: one (chunk, head, value block), di = A^T do + k_dec ds
+    (ds: the state gradient at the chunk's end)."""
+    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     t0 = bos + c * BT
-    rows, cols_k = tl.arange(0, BT), tl.arange(0, K)
+    rows, cols_k, cols_v = tl.arange(0, BT), tl.arange(0, K), i_v * BV + tl.arange(0, BV)
     a_mask = ((t0 + rows) < eos)[:, None] & (rows[:, None] >= rows[None, :])
     a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
-    a_hi, a_lo = _split_bf16(a)  # used with A_SPLIT (fp32 A)
+    do = _load_tile(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+    if A_SPLIT:  # fp32 A as hi + lo bf16 parts: two products
+        a_hi, a_lo = _split_bf16(a)
+        dv = tl.dot(tl.trans(a_lo), do)
+        dv = tl.dot(tl.trans(a_hi), do, dv)
+    else:
+        dv = tl.dot(tl.trans(a.to(DOT)), do, input_precision=PREC)
     k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
+    ds = tl.load(ds_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + cols_k[:, None] * V + cols_v[None, :])
+    dv = tl.dot(k_dec, ds.to(DOT), dv, input_precision=PREC)
+    _store_rows(dv_ptr, dv, t0, eos, i_h, rows, cols_v, H, V)
+
+
+@triton.jit
+def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, dgc_ptr, cu_ptr, chunks_ptr,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Parallel part of the backward, inter-chunk key gradients: one (chunk, head, key block), all of V (BV
+    columns at a time), so no atomics. The inter-chunk dq^ and dk before their decays (do S_prev^T, i ds^T)
+    and the part of the chunk-end log-decay gradient sum_v S_end ds_end that comes through the entering
+    state, exp(total) sum_v S_prev ds_end. The rest of it, sum_t k_dec_t (i_t ds_end^T), is the chunk's sum of
+    k dk over the inter-chunk dk, which the intra backward adds from the very values it subtracts in
+    q^ dq^ - k dk: the two cancel exactly whatever the rounding of dk (with S_end formed here they did not,
+    and bf16 rounding left d beta 5x less accurate than fla's, which sums it the same way)."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
+    bos, eos = _seq_bounds(cu_ptr, seq)
+    t0 = bos + c * BT
+    rows, cols_k = tl.arange(0, BT), i_k * BK + tl.arange(0, BK)
     state_base = (i_c.to(tl.int64) * H + i_h) * K * V
-    dq = tl.zeros([BT, K], tl.float32)
-    dk = tl.zeros([BT, K], tl.float32)
-    boundary = tl.zeros([K], tl.float32)
-    for vb in tl.static_range(0, V, BV):
+    hs_ptr += state_base  # a 64-bit scalar base and 32-bit tile offsets: fewer address registers
+    ds_ptr += state_base
+    dq = tl.zeros([BT, BK], tl.float32)
+    dk = tl.zeros([BT, BK], tl.float32)
+    boundary = tl.zeros([BK], tl.float32)
+    for vb in range(0, V, BV):
         cols_v = vb + tl.arange(0, BV)
         offsets = cols_k[:, None] * V + cols_v[None, :]
-        v = _load_tile(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        h_prev = tl.load(hs_ptr + offsets)
+        ds = tl.load(ds_ptr + offsets)
         do = _load_tile(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
-        ds = tl.load(ds_ptr + state_base + offsets)
-        h_prev = tl.load(hs_ptr + state_base + offsets)
-        ds_dot = ds.to(DOT)
-        if A_SPLIT:
-            dv = tl.dot(tl.trans(a_lo), do)
-            dv = tl.dot(tl.trans(a_hi), do, dv)
-        else:
-            dv = tl.dot(tl.trans(a.to(DOT)), do, input_precision=PREC)
-        dv += tl.dot(k_dec, ds_dot, input_precision=PREC)
-        _store_rows(dv_ptr, dv, t0, eos, i_h, rows, cols_v, H, V)
-        dq += tl.dot(do, tl.trans(h_prev.to(DOT)), input_precision=PREC)
-        dk += tl.dot(v, tl.trans(ds_dot), input_precision=PREC)
+        v = _load_tile(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        dq = tl.dot(do, tl.trans(h_prev.to(DOT)), dq, input_precision=PREC)
+        dk = tl.dot(v, tl.trans(ds.to(DOT)), dk, input_precision=PREC)
         boundary += tl.sum(h_prev * ds, axis=1)
-    offsets = ((t0 + rows) * H + i_h)[:, None] * K + cols_k[None, :]
-    row_ok = ((t0 + rows) < eos)[:, None]
-    tl.store(dq_ptr + offsets, dq, mask=row_ok)
-    tl.store(dk_ptr + offsets, dk, mask=row_ok)
+    _store_rows(dq_ptr, dq, t0, eos, i_h, rows, cols_k, H, K)
+    _store_rows(dk_ptr, dk, t0, eos, i_h, rows, cols_k, H, K)
     per_key = (i_c.to(tl.int64) * H + i_h) * K + cols_k
     tl.store(dgc_ptr + per_key, boundary * tl.exp(tl.load(total_ptr + per_key)))
 
 
 @triton.jit
 def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr,
-                      dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
+                      dx_ptr, dbeta_ptr, flag_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                      GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, GRAD_SPLIT: tl.constexpr):
+                      GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, GRAD_SPLIT: tl.constexpr,
+                      DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
     """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
     factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
     their decays; dq; then the log-decay gradient (reverse cumulative sum of q^ dq^ - k dk inside the chunk
-    plus the chunk-end term, see _bwd_chunk_kernel) and, with the gradient through k, d f_logit and this
+    plus the chunk-end term, see _bwd_inter_kernel) and, with the gradient through k, d f_logit and this
     chunk's share of d beta.
 
     The products that form dq^ and dk keep ~16 bits of their fp32 operands (GRAD_SPLIT: three bf16 products of
     hi/lo parts, for bf16 inputs): the log-decay gradient is the small difference q^ dq^ - k dk, summed over
     every token for d beta; bf16-rounded operands made d beta 20x and tf32 ones (wgmma truncates) 3x less
-    accurate than fla's, the split 1.6x more accurate, and faster than tf32 (docs/kernels.md, v7)."""
+    accurate than fla's, the split 1.6x more accurate, and faster than tf32 (docs/kernels.md, v7).
+
+    Launched twice. The first launch (DIAGONAL_LOOP false) does every key block whose diagonal sub-chunks
+    factor (the decay spans less than FACTOR_SPAN) and stores in flag_ptr whether the chunk has any other;
+    the second (DIAGONAL_LOOP true) does only those, summing the diagonal sub-chunks one column at a time, in
+    the flagged chunks (extreme gates). Kept out of the first launch, that loop's registers cost nothing
+    (sm_90, bf16: spills at a 168-register cap 524 -> 144 bytes; docs/kernels.md, v10)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
+    flag_ptr += i_c * H + i_h
+    if DIAGONAL_LOOP:
+        if tl.load(flag_ptr) != 0:
+            _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
+                             dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H, K, V, BT, BC, BK, HAS_BETA, DOT,
+                             PREC, GRAD_PREC, FAST_LOG, GRAD_SPLIT, DIAGONAL_LOOP, SWISH_Q)
+    else:
+        unfactored = _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr,
+                                      dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H, K, V, BT, BC, BK,
+                                      HAS_BETA, DOT, PREC, GRAD_PREC, FAST_LOG, GRAD_SPLIT, DIAGONAL_LOOP, SWISH_Q)
+        tl.store(flag_ptr, unfactored)
+
+
+@triton.jit
+def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
+                     cu_ptr, chunks_ptr, scale, i_c, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
+                     DOT: tl.constexpr, PREC: tl.constexpr, GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr,
+                     GRAD_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
+    """_intra_bwd_kernel's work on one chunk; returns the number of key blocks whose diagonal sub-chunks do
+    not factor."""
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     t0 = bos + c * BT
@@ -423,21 +517,45 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
     d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s, shared by the key blocks
     d_causal = tl.where(rows[:, None] >= rows[None, :], d, 0.0)
     row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
+    unfactored = 0
     for kb in range(0, K, BK):
-        _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, d_causal,
-                             i_c, i_h, row_base, row_ok, kb + tl.arange(0, BK), rows, blk, scale, H, K, BT, BC, BK,
-                             HAS_BETA, GRAD_PREC, FAST_LOG, GRAD_SPLIT)
+        unfactored += _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
+                                           dbeta_ptr, d_causal, i_c, i_h, row_base, row_ok, kb + tl.arange(0, BK),
+                                           rows, blk, scale, H, K, BT, BC, BK, HAS_BETA, GRAD_PREC, FAST_LOG,
+                                           GRAD_SPLIT, DIAGONAL_LOOP, SWISH_Q)
+    return unfactored
 
 
 @triton.jit
 def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, d_causal,
                          i_c, i_h, row_base, row_ok, cols, rows, blk, scale, H: tl.constexpr, K: tl.constexpr,
                          BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
-                         GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, GRAD_SPLIT: tl.constexpr):
-    """_intra_bwd_kernel's work on key columns ``cols``."""
+                         GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, GRAD_SPLIT: tl.constexpr,
+                         DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
+    """_intra_bwd_kernel's work on key columns ``cols``, if their diagonal sub-chunks factor (or, with
+    DIAGONAL_LOOP, if they do not); returns 1 if they do not factor, else 0."""
     NC: tl.constexpr = BT // BC
     log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
-    q = _load_key_block(q_ptr, row_base, row_ok, cols) * scale
+    total = tl.sum(tl.reshape(log_f, [NC, BC, BK]), 1)
+    factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
+    run = factored
+    if DIAGONAL_LOOP:
+        run = factored == 0
+    if run:
+        _intra_bwd_key_block_body(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
+                                  log_f, k, d_causal, i_c, i_h, row_base, row_ok, cols, rows, blk, scale, H, K, BT,
+                                  BC, BK, HAS_BETA, GRAD_PREC, FAST_LOG, GRAD_SPLIT, DIAGONAL_LOOP, SWISH_Q)
+    return tl.where(factored, 0, 1)
+
+
+@triton.jit
+def _intra_bwd_key_block_body(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
+                              log_f, k, d_causal, i_c, i_h, row_base, row_ok, cols, rows, blk, scale, H: tl.constexpr,
+                              K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                              HAS_BETA: tl.constexpr, GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr,
+                              GRAD_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
+    NC: tl.constexpr = BT // BC
+    q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q)
     inside, rest, total, before, after = _subchunk_decays(log_f, NC, BC, BK)
     exp_inside, exp_rest = tl.exp(inside), tl.exp(rest)
     q_in = tl.reshape(q, [NC, BC, BK]) * exp_inside
@@ -448,10 +566,9 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out
     # operands [BT, NC * BK] whose column block j holds sub-chunk j's terms (k~ masked to its rows; q~ times
     # gap(m_t, j)), then the blocks summed (dq) or the row's own block taken (dk). Two products of width
     # NC * BK instead of 2 NC of width BK: 0.27 ms less at the benchmark's first shape (docs/kernels.md, v7).
-    factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
     end = before + total
     q_in2 = _flat2(q_in, NC, BC, BK)
-    gaps = _gap_columns(before, end, factored, NC, BC, BK)
+    gaps = _gap_columns(before, end, not DIAGONAL_LOOP, NC, BC, BK)
     own = blk[:, None] == (tl.arange(0, NC * BK) // BK)[None, :]
     k_own = tl.where(own, _repeat_columns(k_rest, BT, NC, BK), 0.0)
     d_hi, d_lo = _split_bf16(d_causal)  # unused without GRAD_SPLIT (dropped by the compiler)
@@ -461,7 +578,7 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out
     dk = _sum_column_blocks(tl.where(own, dk_all, 0.0), BT, NC, BK)
     dq *= _flat2(exp_inside, NC, BC, BK)
     dk *= _flat2(exp_rest, NC, BC, BK)
-    if not factored:  # the diagonal sub-chunks one column s at a time
+    if DIAGONAL_LOOP:  # the diagonal sub-chunks one column s at a time
         inside2 = _flat2(inside, NC, BC, BK)
         for s in range(BT):
             in_block = ((blk == s // BC) & (rows >= s))[:, None]
@@ -475,11 +592,15 @@ def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out
     dk_inter = _flat2(exp_rest * tl.exp(after)[:, None, :], NC, BC, BK) * _load_key_block(dk_ptr, row_base, row_ok,
                                                                                            cols)
     dk += dk_inter
-    _store_key_block(dq_out_ptr, dq * scale, row_base, row_ok, cols)
+    dq_post = dq * scale
+    if SWISH_Q:
+        _store_key_block(dq_out_ptr, dq_post * _swish_grad(q_ptr, row_base, row_ok, cols), row_base, row_ok, cols)
+    else:
+        _store_key_block(dq_out_ptr, dq_post, row_base, row_ok, cols)
 
     # Log-decay gradient of row t: everything later in the chunk, plus the chunk-end term sum_v S_end ds_end
     # (all later chunks, and the final state's gradient): the per-chunk pass's part through the entering state
-    # and sum_t k_t dk_inter_t, from the same values as the k dk below (see _bwd_chunk_kernel).
+    # and sum_t k_t dk_inter_t, from the same values as the k dk below (see _bwd_inter_kernel).
     carry = tl.load(dgc_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols) + tl.sum(k * dk_inter, axis=0)
     z = tl.reshape(q * dq - k * dk, [NC, BC, BK])
     z_total = tl.sum(z, 1)
@@ -518,11 +639,25 @@ def _grad_options(dtype: torch.dtype) -> dict:
     return {"GRAD_PREC": "tf32" if precision == "bf16x3" else precision, "GRAD_SPLIT": precision == "bf16x3"}
 
 
-def _value_block(value_dim: int) -> int:
-    """Value columns per scan program: two blocks from V = 64 on (twice the programs of one; docs/kernels.md)."""
+def _value_block(value_dim: int, seq_heads: int = 0, device: torch.device | None = None) -> int:
+    """Value columns per scan program: two blocks from V = 64 on (twice the programs of one; docs/kernels.md),
+    halved (down to 16) while the scans would fill fewer than half the streaming multiprocessors: they walk the
+    chunks in sequence, so with few (sequence, head) pairs, as at long T, the value blocks are their only
+    parallelism (H200, B 2, T 8192, H 16: 64 / 32 / 16 columns 3.19 / 3.08 / 3.16 ms forward+backward; v10)."""
     if CONFIG["block_v"]:
         return min(CONFIG["block_v"], value_dim)
-    return max(16, value_dim // 2) if value_dim >= 64 else value_dim
+    block = max(16, value_dim // 2) if value_dim >= 64 else value_dim
+    processors = _multiprocessors(device)
+    while block > 16 and 2 * seq_heads * (value_dim // block) < processors:
+        block //= 2
+    return block
+
+
+@functools.cache
+def _multiprocessors(device: torch.device | None) -> int:
+    if device is None or device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _a_split(dot) -> bool:
@@ -546,6 +681,10 @@ def _maxnreg(name: str) -> dict:
     return {} if CONFIG[name] is None else {"maxnreg": CONFIG[name]}
 
 
+def _stages(name: str) -> dict:
+    return {} if CONFIG[name] is None else {"num_stages": CONFIG[name]}
+
+
 def _scan_launch() -> dict:
     return {"num_warps": CONFIG["scan_warps"], "num_stages": CONFIG["scan_stages"], **_maxnreg("scan_maxnreg")}
 
@@ -564,7 +703,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[2:])
 
 
-def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs: Sequences, keep_states):
+def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs: Sequences, keep_states, swish_q):
     tokens, heads, key_dim = _flat(q).shape
     value_dim = i.shape[-1]
     dot, prec = _dot_config(q.dtype)
@@ -574,16 +713,20 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     q_dec = empty(q.shape, q.dtype, q.device)
     k_dec = empty(q.shape, q.dtype, q.device)
     totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
-    _intra_fwd_kernel[(seqs.num_chunks, heads)](
-        q, f_logit, beta_arg, a, q_dec, k_dec, totals, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim,
-        BT=CHUNK, BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_fwd_block_k"), HAS_BETA=has_beta, DOT=dot, PREC=prec,
-        A_PREC_SPLIT=_a_prec_split(dot), **_gate_options(),
-        num_warps=CONFIG["intra_fwd_warps"], **_maxnreg("intra_fwd_maxnreg"),
-    )
+    flags = empty((seqs.num_chunks, heads), torch.int32, q.device)
+    for diagonal_loop in (False, True):  # the second launch: chunks with a diagonal that does not factor
+        _intra_fwd_kernel[(seqs.num_chunks, heads)](
+            q, f_logit, beta_arg, a, q_dec, k_dec, totals, flags, seqs.cu_seqlens, seqs.chunks, scale, H=heads,
+            K=key_dim, BT=CHUNK, BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_fwd_block_k"), HAS_BETA=has_beta,
+            DOT=dot, PREC=prec, A_PREC_SPLIT=_a_prec_split(dot), DIAGONAL_LOOP=diagonal_loop, SWISH_Q=swish_q,
+            **_gate_options(),
+            num_warps=CONFIG["intra_fwd_warps"], **({} if diagonal_loop else _maxnreg("intra_fwd_maxnreg")),
+            **_stages("intra_fwd_stages"),
+        )
     o = empty(i.shape, i.dtype, i.device)
     final = empty((seqs.num_seqs, heads, key_dim, value_dim), torch.float32, q.device) if output_final_state else None
     states = empty((seqs.num_chunks, heads, key_dim, value_dim), torch.float32, q.device) if keep_states else None
-    block_v = _value_block(value_dim)
+    block_v = _value_block(value_dim, seqs.num_seqs * heads, q.device)
     _fwd_scan_kernel[(triton.cdiv(value_dim, block_v), seqs.num_seqs * heads)](
         q_dec, k_dec, totals, i, a, o, initial_state if initial_state is not None else q,
         final if final is not None else q, states if states is not None else q, seqs.cu_seqlens,
@@ -595,14 +738,14 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     return o, final, (a, q_dec, k_dec, totals, states)
 
 
-def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: Sequences):
+def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: Sequences, swish_q):
     a, q_dec, k_dec, totals, states = saved
     tokens, heads, key_dim = _flat(q).shape
     value_dim = i.shape[-1]
     dot, prec = _dot_config(q.dtype)
     has_beta = beta is not None
     beta_arg = beta if has_beta else q
-    block_v = _value_block(value_dim)
+    block_v = _value_block(value_dim, seqs.num_seqs * heads, q.device)
     num_v = triton.cdiv(value_dim, block_v)
     dq_inter = empty((tokens, heads, key_dim), torch.float32, q.device)
     dk_inter = empty((tokens, heads, key_dim), torch.float32, q.device)
@@ -616,45 +759,56 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
         q_dec, do, totals, dht_arg, dh0_arg, ds, seqs.cu_seqlens, seqs.chunk_offsets, BV=block_v,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **sizes, **_scan_launch(),
     )
-    _bwd_chunk_kernel[(seqs.num_chunks, heads)](
-        k_dec, i, a, do, states, ds, totals, dq_inter, dk_inter, di, dgc, seqs.cu_seqlens, seqs.chunks,
-        BV=min(32, value_dim), A_SPLIT=_a_split(dot), **sizes, num_warps=CONFIG["bwd_chunk_warps"],
+    dv_block = min(CONFIG["dv_block_v"], value_dim)
+    _bwd_dv_kernel[(seqs.num_chunks, heads, triton.cdiv(value_dim, dv_block))](
+        k_dec, a, do, ds, di, seqs.cu_seqlens, seqs.chunks, BV=dv_block, A_SPLIT=_a_split(dot), **sizes,
+        num_warps=CONFIG["dv_warps"],
+    )
+    inter_block = min(CONFIG["inter_block_k"], key_dim)
+    _bwd_inter_kernel[(seqs.num_chunks, heads, triton.cdiv(key_dim, inter_block))](
+        i, do, states, ds, totals, dq_inter, dk_inter, dgc, seqs.cu_seqlens, seqs.chunks, BK=inter_block,
+        BV=min(CONFIG["inter_block_v"], value_dim), **sizes, num_warps=CONFIG["inter_warps"],
+        num_stages=CONFIG["inter_stages"],
     )
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
     dbeta_chunks = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
-    _intra_bwd_kernel[(seqs.num_chunks, heads)](
-        q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dgc, dq, dx,
-        dbeta_chunks, seqs.cu_seqlens, seqs.chunks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK,
-        BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_bwd_block_k"), HAS_BETA=has_beta,
-        DOT=dot, PREC=prec,
-        **_grad_options(q.dtype), **_gate_options(),
-        num_warps=CONFIG["intra_bwd_warps"], **_maxnreg("intra_bwd_maxnreg"),
-    )
+    flags = empty((seqs.num_chunks, heads), torch.int32, q.device)
+    for diagonal_loop in (False, True):  # the second launch: the rare key blocks whose diagonal does not factor
+        _intra_bwd_kernel[(seqs.num_chunks, heads)](
+            q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dgc, dq, dx, dbeta_chunks, flags, seqs.cu_seqlens,
+            seqs.chunks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK,
+            BK=_key_block(key_dim, "intra_bwd_block_k"), HAS_BETA=has_beta, DOT=dot, PREC=prec,
+            DIAGONAL_LOOP=diagonal_loop, SWISH_Q=swish_q, **_grad_options(q.dtype), **_gate_options(),
+            num_warps=CONFIG["intra_bwd_warps"],
+            **({} if diagonal_loop else _maxnreg("intra_bwd_maxnreg")),
+        )
     dbeta = dbeta_chunks.sum(0) if has_beta else None
     return dq, dx, di, dbeta, dh0
 
 
 class ChunkHGRN2Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, f_logit, i, lower_bound, scale, initial_state, output_final_state, cu_seqlens):
+    def forward(ctx, q, f_logit, i, lower_bound, scale, initial_state, output_final_state, cu_seqlens, swish_q):
         batch, seq_len = q.shape[:2]
         seqs = make_sequences(batch, seq_len, cu_seqlens, CHUNK, q.device)
         beta = lower_bound.float().contiguous() if lower_bound is not None else None
         keep = any(ctx.needs_input_grad)
-        o, final, saved = _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs, keep)
+        o, final, saved = _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs, keep, swish_q)
         ctx.save_for_backward(q, f_logit, i, beta, initial_state, *saved)
-        ctx.seqs, ctx.scale, ctx.lower_bound_dtype = seqs, scale, None if lower_bound is None else lower_bound.dtype
+        ctx.seqs, ctx.scale, ctx.swish_q = seqs, scale, swish_q
+        ctx.lower_bound_dtype = None if lower_bound is None else lower_bound.dtype
         return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
         q, f_logit, i, beta, initial_state, *saved = ctx.saved_tensors
         dq, dx, di, dbeta, dh0 = _backward(q, f_logit, i, beta, ctx.scale, initial_state, saved,
-                                           do.contiguous(), None if dht is None else dht.contiguous(), ctx.seqs)
+                                           do.contiguous(), None if dht is None else dht.contiguous(), ctx.seqs,
+                                           ctx.swish_q)
         if dbeta is not None:
             dbeta = dbeta.to(ctx.lower_bound_dtype)
-        return dq, dx, di, dbeta, None, dh0, None, None
+        return dq, dx, di, dbeta, None, dh0, None, None, None
 
 
 def chunk_hgrn2(
@@ -666,10 +820,13 @@ def chunk_hgrn2(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    swish_q: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HGRN2 over a batch (or packed sequences), chunkwise in Triton; same contract as ``hgrn2_chunk_torch``.
 
-    q (post-swish), f_logit [B, T, H, K]; i [B, T, H, V]; lower_bound [H, K] or None; initial_state fp32
+    q (post-swish; with ``swish_q`` pre-swish: the kernels apply swish and return the gradient with respect
+    to the pre-activation, one elementwise pass each way fewer than swish in torch), f_logit [B, T, H, K];
+    i [B, T, H, V]; lower_bound [H, K] or None; initial_state fp32
     [N, H, K, V] (key-first). Inputs fp32 or bf16 (one dtype), contiguous; K, V in {16, 32, 64, 128}.
     Returns o [B, T, H, V] in i's dtype and the fp32 final state (None unless output_final_state).
     Differentiable in q, f_logit, i, lower_bound and initial_state. On a GPU, the first call with a new dtype,
@@ -678,7 +835,7 @@ def chunk_hgrn2(
     """
     check_chunk_inputs(q, f_logit, i, lower_bound, initial_state, cu_seqlens)
     # first use of this configuration on a GPU
-    selfcheck.verify_once(chunk_hgrn2, q, i, lower_bound, tuple(sorted(CONFIG.items())))
+    selfcheck.verify_once(chunk_hgrn2, q, i, lower_bound, tuple(sorted(CONFIG.items())), swish_q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return ChunkHGRN2Function.apply(q, f_logit, i, lower_bound, scale, initial_state, output_final_state,
-                                    cu_seqlens)
+                                    cu_seqlens, bool(swish_q))

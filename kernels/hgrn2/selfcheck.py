@@ -28,24 +28,28 @@ _verified: set[tuple] = set()
 
 
 def kernel_errors(chunk_fn: Callable, dtype: torch.dtype, heads: int, key_dim: int, value_dim: int,
-                  has_bound: bool, device: torch.device | str) -> dict[str, float]:
-    """Relative errors of ``chunk_fn`` against the float64 reference on a small random problem."""
+                  has_bound: bool, device: torch.device | str, swish_q: bool = False) -> dict[str, float]:
+    """Relative errors of ``chunk_fn`` against the float64 reference on a small random problem (with
+    ``swish_q``, chunk_fn takes pre-swish q and the reference its swish)."""
     gen = torch.Generator(device=device).manual_seed(0)
     draw = lambda dim: torch.randn(1, SEQ_LEN, heads, dim, device=device, generator=gen)
-    inputs = {"q": F.silu(draw(key_dim)).to(dtype), "f_logit": (2 * draw(key_dim)).to(dtype),
+    q = draw(key_dim)
+    inputs = {"q": (q if swish_q else F.silu(q)).to(dtype), "f_logit": (2 * draw(key_dim)).to(dtype),
               "i": draw(value_dim).to(dtype)}
     if has_bound:
         inputs["lower_bound"] = 0.9 * torch.rand(heads, key_dim, device=device, generator=gen)
     do = torch.randn(1, SEQ_LEN, heads, value_dim, device=device, generator=gen)
     with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
         results = []
-        for fn, cast in ((chunk_fn, lambda x: x), (hgrn2_chunk_torch, torch.Tensor.double)):
+        ours = (lambda q, **rest: chunk_fn(q, **rest, swish_q=True)) if swish_q else chunk_fn
+        reference = (lambda q, **rest: hgrn2_chunk_torch(F.silu(q), **rest)) if swish_q else hgrn2_chunk_torch
+        for fn, cast in ((ours, lambda x: x), (reference, torch.Tensor.double)):
             leaves = {name: cast(x).detach().requires_grad_() for name, x in inputs.items()}
             out, _ = fn(**leaves)
             out.backward(cast(do).to(out.dtype))
             results.append((out.detach(), {name: x.grad for name, x in leaves.items()}))
         with torch.no_grad():
-            no_grad_out, _ = chunk_fn(**inputs)
+            no_grad_out, _ = ours(**inputs)
     (out, grads), (ref_out, ref_grads) = results
     errors = {"output": relative_error(out, ref_out), "output without autograd": relative_error(no_grad_out, ref_out)}
     errors.update({f"d {name}": relative_error(grads[name], ref_grads[name]) for name in inputs})
@@ -53,16 +57,16 @@ def kernel_errors(chunk_fn: Callable, dtype: torch.dtype, heads: int, key_dim: i
 
 
 def verify(chunk_fn: Callable, dtype: torch.dtype, heads: int, key_dim: int, value_dim: int, has_bound: bool,
-           device: torch.device | str, launch: tuple = ()) -> None:
+           device: torch.device | str, launch: tuple = (), swish_q: bool = False) -> None:
     """Check one configuration once per process; raise a RuntimeError that names it if it is wrong.
 
     ``launch``: the kernels' launch settings (they change the compiled code too)."""
-    key = (dtype, heads, key_dim, value_dim, has_bound, str(device), launch)
+    key = (dtype, heads, key_dim, value_dim, has_bound, str(device), launch, swish_q)
     if key in _verified:
         return
     _verified.add(key)  # first: the check calls chunk_fn, which calls back here
     try:
-        errors = kernel_errors(chunk_fn, dtype, heads, key_dim, value_dim, has_bound, device)
+        errors = kernel_errors(chunk_fn, dtype, heads, key_dim, value_dim, has_bound, device, swish_q)
     except BaseException:
         _verified.discard(key)
         raise
@@ -76,7 +80,8 @@ def verify(chunk_fn: Callable, dtype: torch.dtype, heads: int, key_dim: int, val
         found = ", ".join(f"{name} {error:.1e}" for name, error in wrong.items())
         raise RuntimeError(
             f"kernels.hgrn2: the compiled chunk kernels give wrong results for {str(dtype).replace('torch.', '')} "
-            f"inputs, {heads} heads, head dims {key_dim}/{value_dim}, {'with' if has_bound else 'no'} lower bound, "
+            f"inputs, {heads} heads, head dims {key_dim}/{value_dim}, {'with' if has_bound else 'no'} lower bound"
+            f"{', swish_q' if swish_q else ''}, "
             f"on {where} with Triton {triton.__version__} (relative error against the float64 reference: "
             f"{found}; tolerance {tolerances}). Use model.backend=chunk_torch meanwhile and report this "
             "configuration (HGRN2_SKIP_KERNEL_CHECK=1 skips this check)."
@@ -84,10 +89,11 @@ def verify(chunk_fn: Callable, dtype: torch.dtype, heads: int, key_dim: int, val
 
 
 def verify_once(chunk_fn: Callable, q: torch.Tensor, i: torch.Tensor, lower_bound: torch.Tensor | None,
-                launch: tuple = ()) -> None:
+                launch: tuple = (), swish_q: bool = False) -> None:
     """``verify`` for the configuration of these inputs, on CUDA, outside graph capture and compilation."""
     if not q.is_cuda or os.environ.get("HGRN2_SKIP_KERNEL_CHECK") == "1":
         return
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return
-    verify(chunk_fn, q.dtype, q.shape[2], q.shape[3], i.shape[3], lower_bound is not None, q.device, launch)
+    verify(chunk_fn, q.dtype, q.shape[2], q.shape[3], i.shape[3], lower_bound is not None, q.device, launch,
+           swish_q)

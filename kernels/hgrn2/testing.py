@@ -65,11 +65,12 @@ def patch_interpreter_bf16_dot() -> None:
 
 @contextlib.contextmanager
 def poisoned_buffers(chunk_module):
-    """Every buffer the chunk kernels allocate starts as NaN: an element a kernel fails to write shows."""
+    """Every buffer the chunk kernels allocate starts as NaN (integer buffers as -1): an element a kernel fails
+    to write shows."""
     original = chunk_module.empty
 
     def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
 
     chunk_module.empty = nan_empty
     try:
