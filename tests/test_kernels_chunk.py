@@ -194,10 +194,11 @@ def test_chunk_forward_without_grad_keeps_no_states():
 
 
 @pytest.mark.parametrize("options", [{"a_fp32": False}, {"a_fp32": True, "a_prec": "bf16"},
-                                     {"a_fp32": True, "a_prec": "bf16x3"}],
-                         ids=["a_bf16", "a_fp32", "split_products"])
+                                     {"a_fp32": True, "a_prec": "bf16x3"}, {"state_dtype": "fp32"}],
+                         ids=["a_bf16", "a_fp32", "split_products", "fp32_chunk_states"])
 def test_chunk_bf16_inputs_close_to_reference(options, monkeypatch):
-    """bf16 in, bf16 out, fp32 state: errors at bf16's resolution, for each precision option of the kernels."""
+    """bf16 in, bf16 out, fp32 running state: errors at bf16's resolution, for each precision option of the
+    kernels."""
     for name, value in options.items():
         monkeypatch.setitem(chunk.CONFIG, name, value)
     seed, inputs = _inputs(1, 70, 2, 32, 32, True, True, 1)

@@ -62,7 +62,8 @@ CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_wa
           "dv_warps": 4, "dv_block_v": 64, "inter_warps": 4, "inter_block_k": 64, "inter_block_v": 64,
           "inter_stages": 2, "intra_fwd_stages": None,
           "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
-          "fast_log": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3"}
+          "fast_log": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
+          "state_dtype": "bf16"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -347,7 +348,7 @@ def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_
     for c in range(tl.cdiv(eos - bos, BT)):
         t0 = bos + c * BT
         if STORE_HS:  # the state entering each chunk, for the backward pass
-            tl.store(hs_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets, state)
+            tl.store(hs_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets, state.to(hs_ptr.dtype.element_ty))
         q_dec = _load_tile(qd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
         k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
         v = _load_tile(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
@@ -389,7 +390,7 @@ def _bwd_dstate_kernel(qd_ptr, do_ptr, total_ptr, dht_ptr, dh0_ptr, ds_ptr, cu_p
     for c_rev in range(n_chunks):
         c = n_chunks - 1 - c_rev
         t0 = bos + c * BT
-        tl.store(ds_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets, dstate)
+        tl.store(ds_ptr + ((chunk0 + c) * H + i_h) * K * V + state_offsets, dstate.to(ds_ptr.dtype.element_ty))
         q_dec = _load_tile(qd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
         do = _load_tile(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
         total = tl.load(total_ptr + ((chunk0 + c) * H + i_h) * K + cols_k)
@@ -449,8 +450,8 @@ def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, 
     for vb in range(0, V, BV):
         cols_v = vb + tl.arange(0, BV)
         offsets = cols_k[:, None] * V + cols_v[None, :]
-        h_prev = tl.load(hs_ptr + offsets)
-        ds = tl.load(ds_ptr + offsets)
+        h_prev = tl.load(hs_ptr + offsets).to(tl.float32)
+        ds = tl.load(ds_ptr + offsets).to(tl.float32)
         do = _load_tile(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
         v = _load_tile(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
         dq = tl.dot(do, tl.trans(h_prev.to(DOT)), dq, input_precision=PREC)
@@ -660,6 +661,15 @@ def _multiprocessors(device: torch.device | None) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the chunk states and state gradients the backward reads: CONFIG["state_dtype"] "bf16" stores
+    them in bf16 for bf16 inputs (half the bytes of the scans' stores and the per-chunk launches' loads; their
+    products took bf16 operands already). H200, first shape: 2.767 -> 2.602 ms forward+backward, d f_logit
+    2.38e-3 -> 2.40e-3 and d beta 1.86e-3 -> 1.91e-3 (fla 4.14e-3 / 4.21e-3; docs/kernels.md, v10). The scans
+    keep the running state in fp32 either way."""
+    return torch.bfloat16 if CONFIG["state_dtype"] == "bf16" and dtype == torch.bfloat16 else torch.float32
+
+
 def _a_split(dot) -> bool:
     """CONFIG["a_fp32"], bf16 inputs: A stored in fp32 and multiplied as hi + lo bf16 parts in the forward scan
     and the per-chunk pass (fla keeps A in fp32). H200, same run: di 3.02e-3 -> 2.54e-3 (fla 2.50e-3), o
@@ -725,7 +735,8 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
         )
     o = empty(i.shape, i.dtype, i.device)
     final = empty((seqs.num_seqs, heads, key_dim, value_dim), torch.float32, q.device) if output_final_state else None
-    states = empty((seqs.num_chunks, heads, key_dim, value_dim), torch.float32, q.device) if keep_states else None
+    state_shape = (seqs.num_chunks, heads, key_dim, value_dim)
+    states = empty(state_shape, _state_dtype(q.dtype), q.device) if keep_states else None
     block_v = _value_block(value_dim, seqs.num_seqs * heads, q.device)
     _fwd_scan_kernel[(triton.cdiv(value_dim, block_v), seqs.num_seqs * heads)](
         q_dec, k_dec, totals, i, a, o, initial_state if initial_state is not None else q,
@@ -754,7 +765,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     dh0 = empty(initial_state.shape, torch.float32, q.device) if initial_state is not None else None
     dht_arg, dh0_arg = (dht if dht is not None else q), (dh0 if dh0 is not None else q)
     sizes = {"H": heads, "K": key_dim, "V": value_dim, "BT": CHUNK, "DOT": dot, "PREC": prec}
-    ds = empty(states.shape, torch.float32, q.device)
+    ds = empty(states.shape, states.dtype, q.device)
     _bwd_dstate_kernel[(num_v, seqs.num_seqs * heads)](
         q_dec, do, totals, dht_arg, dh0_arg, ds, seqs.cu_seqlens, seqs.chunk_offsets, BV=block_v,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **sizes, **_scan_launch(),
