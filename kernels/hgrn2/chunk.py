@@ -13,12 +13,14 @@ summed one column at a time (exp of differences, <= 1).
 The decayed q^ * exp(cum) and k * exp(cum_last - cum) that the scans multiply are written by the intra
 kernel (input dtype); the cumulative decays themselves never leave the chip.
 
-Launches, forward:  intra (gates, A, decayed q/k; parallel over chunks) -> scan (sequential over chunks,
-                    state in registers).
+Launches, forward:  intra (gates, A, decayed q/k; parallel over chunks; a second launch redoes the rare
+                    chunks whose diagonal sub-chunks do not factor) -> scan (sequential over chunks, state in
+                    registers).
 Launches, backward: state-gradient scan (reverse, sequential over chunks: the state gradient at every chunk
-                    end) -> per-chunk pass (parallel: di, the inter-chunk parts of dq, dk, the chunk-boundary
-                    log-decay gradient) -> intra (parallel over chunks: the intra-chunk parts of dq, dk;
-                    dq; the log-decay gradient; d f_logit, d beta).
+                    end) -> di (parallel over chunks and value blocks) -> inter-chunk dq, dk and the
+                    chunk-boundary log-decay gradient (parallel over chunks and key blocks) -> intra (parallel
+                    over chunks: the intra-chunk parts of dq, dk; dq; the log-decay gradient; d f_logit, d beta;
+                    again with a second launch for the chunks that do not factor).
 """
 
 from __future__ import annotations
