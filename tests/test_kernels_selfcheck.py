@@ -10,8 +10,9 @@ from kernels.hgrn2.testing import interpreted_kernels
 chunk, _ = interpreted_kernels()
 
 
-def test_real_kernels_pass():
-    errors = selfcheck.kernel_errors(chunk.chunk_hgrn2, torch.float32, 2, 16, 16, True, "cpu")
+@pytest.mark.parametrize("swish_q", [False, True])
+def test_real_kernels_pass(swish_q):
+    errors = selfcheck.kernel_errors(chunk.chunk_hgrn2, torch.float32, 2, 16, 16, True, "cpu", swish_q)
     assert set(errors) == {"output", "output without autograd", "d q", "d f_logit", "d i", "d lower_bound"}
     assert max(errors.values()) <= 1e-5, errors
 

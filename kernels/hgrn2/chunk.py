@@ -59,11 +59,9 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # dv_* and inter_*: the backward's two per-chunk launches (_bwd_dv_kernel, _bwd_inter_kernel; v10). The
 # register caps apply to the first launch of the intra kernels only (the column-at-a-time loop is not capped).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
-          "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": 168,
-          "scan_maxnreg": None,
+          "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": 168, "scan_maxnreg": None,
           "dv_warps": 4, "dv_block_v": 64, "inter_warps": 4, "inter_block_k": 64, "inter_block_v": 64,
-          "inter_stages": 2, "intra_fwd_stages": None,
-          "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
+          "inter_stages": 2, "intra_fwd_stages": None, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
           "fast_log": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
           "state_dtype": "bf16"}
 
