@@ -7,8 +7,8 @@ Usage (on a CUDA machine; fla optional):
 Every timed path starts from the same tensors: pre-activation q, f_logit, i (bf16) and the lower bound. The
 fla path does the gate preparation fla's HGRN2 layer does outside its kernel (swish, logsigmoid, logaddexp
 with the bound, k = 1 - exp(g)); ours fuses the gates and the swish of q (`swish_q`, as the model calls it).
-Timings are
-medians of triton.testing.do_bench. Results go to stdout and, with --out, to JSON and a markdown table.
+Timings are medians of triton.testing.do_bench, with the leaves' gradients reset before every forward+backward
+(as zero_grad(set_to_none=True) does). Results go to stdout and, with --out, to JSON and a markdown table.
 """
 
 from __future__ import annotations

@@ -141,7 +141,8 @@ def _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q: tl.constexpr):
 
 @triton.jit
 def _swish_grad(q_ptr, row_base, row_ok, cols):
-    """d swish(x) / dx = sigma(x) (1 + x (1 - sigma(x))) at the stored pre-activation q."""
+    """d swish(x) / dx = sigma(x) (1 + x (1 - sigma(x))) at the stored pre-activation q (loaded again where it
+    is needed, a cache hit, rather than kept live across the key block in the register-capped kernel)."""
     x = _load_key_block(q_ptr, row_base, row_ok, cols)
     sig = tl.sigmoid(x)
     return sig * (1.0 + x * (1.0 - sig))
