@@ -185,6 +185,21 @@ def test_chunk_bf16_split_products_reduce_output_and_di_error(monkeypatch):
     assert o_split <= 0.7 * o_plain and di_split <= 0.7 * di_plain, f"seed {seed}: {errors}"
 
 
+@pytest.mark.parametrize("programs,expected", [(128, 64), (64, 64), (32, 32), (8, 16), (1, 16)])
+def test_scan_value_block_fills_the_processors(programs, expected, monkeypatch):
+    """(sequence, head) pairs -> value columns per scan program at V = 128 on a 132-SM GPU: halved while
+    fewer than half the SMs would get a program, never below 16."""
+    monkeypatch.setattr(chunk, "_multiprocessors", lambda device: 132)
+    assert chunk._value_block(128, programs, torch.device("cuda")) == expected
+
+
+def test_chunk_narrow_scan_value_blocks(monkeypatch):
+    """The 16-column value blocks that long sequences get on a GPU (eight scan programs per head here)."""
+    monkeypatch.setitem(chunk.CONFIG, "block_v", 16)
+    seed, inputs = _inputs(1, 70, 1, 128, 128, True, True, 1)
+    _check(inputs, seed)
+
+
 def test_chunk_forward_without_grad_keeps_no_states():
     seed, inputs = _inputs(1, 50, 1, 16, 16, False, False, 1)
     with torch.no_grad(), poisoned_buffers(chunk):
