@@ -46,16 +46,17 @@ def kernel_specs() -> dict:
     config = chunk.CONFIG
     cu = {"cu_ptr": "*i32", "chunks_ptr": "*i32"}
     a_dtype = "*fp32" if chunk._a_split(tl.bfloat16) else "*bf16"
+    states = "*bf16" if chunk._state_dtype(torch.bfloat16) == torch.bfloat16 else "*fp32"  # as the launch stores
     intra_fwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "a_ptr": a_dtype, "qd_ptr": "*bf16",
                  "kd_ptr": "*bf16", "total_ptr": "*fp32", "flag_ptr": "*i32", **cu, "scale": "fp32"}
     intra_bwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "v_ptr": "*bf16", "do_ptr": "*bf16",
                  "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", "dq_out_ptr": "*bf16",
                  "dx_ptr": "*bf16", "dbeta_ptr": "*fp32", "flag_ptr": "*i32", **cu, "scale": "fp32"}
-    bwd_dv = {"kd_ptr": "*bf16", "a_ptr": a_dtype, "do_ptr": "*bf16", "ds_ptr": "*fp32", "dv_ptr": "*bf16", **cu}
-    bwd_inter = {"v_ptr": "*bf16", "do_ptr": "*bf16", "hs_ptr": "*fp32", "ds_ptr": "*fp32", "total_ptr": "*fp32",
+    bwd_dv = {"kd_ptr": "*bf16", "a_ptr": a_dtype, "do_ptr": "*bf16", "ds_ptr": states, "dv_ptr": "*bf16", **cu}
+    bwd_inter = {"v_ptr": "*bf16", "do_ptr": "*bf16", "hs_ptr": states, "ds_ptr": states, "total_ptr": "*fp32",
                  "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", **cu}
     scan = {"qd_ptr": "*bf16", "kd_ptr": "*bf16", "total_ptr": "*fp32", "v_ptr": "*bf16", "a_ptr": a_dtype,
-            "o_ptr": "*bf16", "h0_ptr": "*fp32", "ht_ptr": "*fp32", "hs_ptr": "*fp32", "cu_ptr": "*i32",
+            "o_ptr": "*bf16", "h0_ptr": "*fp32", "ht_ptr": "*fp32", "hs_ptr": states, "cu_ptr": "*i32",
             "chunk0_ptr": "*i32"}
     dots = {"DOT": tl.bfloat16, "PREC": "tf32"}
     scan_launch = {"num_warps": config["scan_warps"], "num_stages": config["scan_stages"],

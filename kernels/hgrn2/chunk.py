@@ -486,7 +486,8 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
     factor (the decay spans less than FACTOR_SPAN) and stores in flag_ptr whether the chunk has any other;
     the second (DIAGONAL_LOOP true) does only those, summing the diagonal sub-chunks one column at a time, in
     the flagged chunks (extreme gates). Kept out of the first launch, that loop's registers cost nothing
-    (sm_90, bf16: spills at a 168-register cap 524 -> 144 bytes; docs/kernels.md, v10)."""
+    (sm_90, bf16, before the swish fusion: spills at a 168-register cap 524 -> 144 bytes; docs/kernels.md,
+    v10)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     flag_ptr += i_c * H + i_h
     if DIAGONAL_LOOP:
@@ -601,7 +602,7 @@ def _intra_bwd_key_block_body(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, d
         _store_key_block(dq_out_ptr, dq_post, row_base, row_ok, cols)
 
     # Log-decay gradient of row t: everything later in the chunk, plus the chunk-end term sum_v S_end ds_end
-    # (all later chunks, and the final state's gradient): the per-chunk pass's part through the entering state
+    # (all later chunks, and the final state's gradient): _bwd_inter_kernel's part through the entering state
     # and sum_t k_t dk_inter_t, from the same values as the k dk below (see _bwd_inter_kernel).
     carry = tl.load(dgc_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols) + tl.sum(k * dk_inter, axis=0)
     z = tl.reshape(q * dq - k * dk, [NC, BC, BK])
@@ -673,7 +674,7 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _a_split(dot) -> bool:
     """CONFIG["a_fp32"], bf16 inputs: A stored in fp32 and multiplied as hi + lo bf16 parts in the forward scan
-    and the per-chunk pass (fla keeps A in fp32). H200, same run: di 3.02e-3 -> 2.54e-3 (fla 2.50e-3), o
+    and the di launch (fla keeps A in fp32). H200, same run: di 3.02e-3 -> 2.54e-3 (fla 2.50e-3), o
     2.52e-3 -> 1.92e-3 (fla 2.48e-3), for +0.12 ms of 3.52 forward+backward (docs/kernels.md, v8)."""
     return CONFIG["a_fp32"] and dot == tl.bfloat16
 
@@ -694,6 +695,15 @@ def _maxnreg(name: str) -> dict:
 
 def _stages(name: str) -> dict:
     return {} if CONFIG[name] is None else {"num_stages": CONFIG[name]}
+
+
+def _launch_with_diagonal_pass(kernel, grid, args, register_cap: str, **options) -> None:
+    """Both launches of an intra kernel: the first, under CONFIG[register_cap], for every chunk (flagging those
+    with a key block whose diagonal sub-chunks do not factor); the second, uncapped, with the column-at-a-time
+    loop, for the flagged chunks only (extreme gates; the others exit at once)."""
+    for diagonal_loop in (False, True):
+        cap = {} if diagonal_loop else _maxnreg(register_cap)
+        kernel[grid](*args, DIAGONAL_LOOP=diagonal_loop, **options, **cap)
 
 
 def _scan_launch() -> dict:
@@ -725,15 +735,14 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     k_dec = empty(q.shape, q.dtype, q.device)
     totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
     flags = empty((seqs.num_chunks, heads), torch.int32, q.device)
-    for diagonal_loop in (False, True):  # the second launch: chunks with a diagonal that does not factor
-        _intra_fwd_kernel[(seqs.num_chunks, heads)](
-            q, f_logit, beta_arg, a, q_dec, k_dec, totals, flags, seqs.cu_seqlens, seqs.chunks, scale, H=heads,
-            K=key_dim, BT=CHUNK, BC=SUB_CHUNK, BK=_key_block(key_dim, "intra_fwd_block_k"), HAS_BETA=has_beta,
-            DOT=dot, PREC=prec, A_PREC_SPLIT=_a_prec_split(dot), DIAGONAL_LOOP=diagonal_loop, SWISH_Q=swish_q,
-            **_gate_options(),
-            num_warps=CONFIG["intra_fwd_warps"], **({} if diagonal_loop else _maxnreg("intra_fwd_maxnreg")),
-            **_stages("intra_fwd_stages"),
-        )
+    _launch_with_diagonal_pass(
+        _intra_fwd_kernel, (seqs.num_chunks, heads),
+        (q, f_logit, beta_arg, a, q_dec, k_dec, totals, flags, seqs.cu_seqlens, seqs.chunks, scale),
+        "intra_fwd_maxnreg", H=heads, K=key_dim, BT=CHUNK, BC=SUB_CHUNK,
+        BK=_key_block(key_dim, "intra_fwd_block_k"), HAS_BETA=has_beta, DOT=dot, PREC=prec,
+        A_PREC_SPLIT=_a_prec_split(dot), SWISH_Q=swish_q, **_gate_options(), num_warps=CONFIG["intra_fwd_warps"],
+        **_stages("intra_fwd_stages"),
+    )
     o = empty(i.shape, i.dtype, i.device)
     final = empty((seqs.num_seqs, heads, key_dim, value_dim), torch.float32, q.device) if output_final_state else None
     state_shape = (seqs.num_chunks, heads, key_dim, value_dim)
@@ -786,15 +795,14 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
     dbeta_chunks = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
     flags = empty((seqs.num_chunks, heads), torch.int32, q.device)
-    for diagonal_loop in (False, True):  # the second launch: the rare key blocks whose diagonal does not factor
-        _intra_bwd_kernel[(seqs.num_chunks, heads)](
-            q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dgc, dq, dx, dbeta_chunks, flags, seqs.cu_seqlens,
-            seqs.chunks, scale, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK,
-            BK=_key_block(key_dim, "intra_bwd_block_k"), HAS_BETA=has_beta, DOT=dot, PREC=prec,
-            DIAGONAL_LOOP=diagonal_loop, SWISH_Q=swish_q, **_grad_options(q.dtype), **_gate_options(),
-            num_warps=CONFIG["intra_bwd_warps"],
-            **({} if diagonal_loop else _maxnreg("intra_bwd_maxnreg")),
-        )
+    _launch_with_diagonal_pass(
+        _intra_bwd_kernel, (seqs.num_chunks, heads),
+        (q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dgc, dq, dx, dbeta_chunks, flags, seqs.cu_seqlens,
+         seqs.chunks, scale),
+        "intra_bwd_maxnreg", H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK,
+        BK=_key_block(key_dim, "intra_bwd_block_k"), HAS_BETA=has_beta, DOT=dot, PREC=prec, SWISH_Q=swish_q,
+        **_grad_options(q.dtype), **_gate_options(), num_warps=CONFIG["intra_bwd_warps"],
+    )
     dbeta = dbeta_chunks.sum(0) if has_beta else None
     return dq, dx, di, dbeta, dh0
 
