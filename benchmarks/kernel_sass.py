@@ -1,7 +1,7 @@
 """Compile the heavy HGRN2 kernels for sm_90 without a GPU: registers, spills, and where the SASS comes from.
 
     python benchmarks/kernel_sass.py [--kernels intra_fwd,fwd_scan,intra_bwd,bwd_dv,bwd_inter]
-                                     [--config '{"intra_bwd_warps": 8}']
+                                     [--config '{"intra_bwd_warps": 8}'] [--tier 0|1|2]
 
 At the benchmark's first shape (H 16, n 128, bf16 inputs, with a lower bound) and the launch settings of
 ``kernels.hgrn2.chunk.CONFIG`` (updated by ``--config``), each kernel is compiled with Triton for sm_90 and
@@ -41,16 +41,18 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SIZES = {"H": HEADS, "K": DIM, "V": DIM, "BT": chunk.CHUNK}
 
 
-def kernel_specs() -> dict:
-    """Per kernel: (JIT function, argument types, constexpr values, launch options), as chunk.py launches them."""
+def kernel_specs(tier: int) -> dict:
+    """Per kernel: (JIT function, argument types, constexpr values, launch options), as chunk.py launches them;
+    the intra kernels as launched for ``tier`` (chunk._launch_tiers)."""
     config = chunk.CONFIG
+    tiers = {name: chunk._tier_launches(name, DIM)[tier] for name in ("intra_fwd", "intra_bwd")}
     cu = {"cu_ptr": "*i32", "chunks_ptr": "*i32"}
     a_dtype = "*fp32" if chunk._a_split(tl.bfloat16) else "*bf16"
     states = "*bf16" if chunk._state_dtype(torch.bfloat16) == torch.bfloat16 else "*fp32"  # as the launch stores
     intra_fwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "a_ptr": a_dtype, "qd_ptr": "*bf16",
                  "kd_ptr": "*bf16", "total_ptr": "*fp32", "flag_ptr": "*i32", **cu, "scale": "fp32"}
     intra_bwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "v_ptr": "*bf16", "do_ptr": "*bf16",
-                 "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", "dq_out_ptr": "*bf16",
+                 "d_ptr": "*bf16", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", "dq_out_ptr": "*bf16",
                  "dx_ptr": "*bf16", "dbeta_ptr": "*fp32", "flag_ptr": "*i32", **cu, "scale": "fp32"}
     bwd_dv = {"kd_ptr": "*bf16", "a_ptr": a_dtype, "do_ptr": "*bf16", "ds_ptr": states, "dv_ptr": "*bf16", **cu}
     bwd_inter = {"v_ptr": "*bf16", "do_ptr": "*bf16", "hs_ptr": states, "ds_ptr": states, "total_ptr": "*fp32",
@@ -63,19 +65,20 @@ def kernel_specs() -> dict:
                    "maxnreg": config["scan_maxnreg"]}
     return {
         "intra_fwd": (chunk._intra_fwd_kernel, intra_fwd,
-                      {"H": HEADS, "K": DIM, "BT": chunk.CHUNK, "BC": SUB_CHUNK, "BK": config["intra_fwd_block_k"],
+                      {"H": HEADS, "K": DIM, "BT": chunk.CHUNK, "BC": SUB_CHUNK, "BK": tiers["intra_fwd"]["BK"],
                        "HAS_BETA": True, **dots, **chunk._gate_options(),
-                       "A_PREC_SPLIT": chunk._a_prec_split(tl.bfloat16), "DIAGONAL_LOOP": False, "SWISH_Q": True},
-                      {"num_warps": config["intra_fwd_warps"], "maxnreg": config["intra_fwd_maxnreg"],
+                       "A_PREC_SPLIT": chunk._a_prec_split(tl.bfloat16), "TIER": tier, "SWISH_Q": True,
+                       "WHOLE": config["whole_chunk"]},
+                      {"num_warps": tiers["intra_fwd"]["num_warps"], "maxnreg": tiers["intra_fwd"].get("maxnreg"),
                        "num_stages": config["intra_fwd_stages"]}),
         "fwd_scan": (chunk._fwd_scan_kernel, scan,
                      {**SIZES, "BV": chunk._value_block(DIM), "HAS_H0": False, "STORE_HT": False, "STORE_HS": True,
                       **dots, "A_SPLIT": a_dtype == "*fp32"}, scan_launch),
         "intra_bwd": (chunk._intra_bwd_kernel, intra_bwd,
-                      {**SIZES, "BC": SUB_CHUNK, "BK": config["intra_bwd_block_k"], "HAS_BETA": True,
+                      {**SIZES, "BC": SUB_CHUNK, "BK": tiers["intra_bwd"]["BK"], "HAS_BETA": True,
                        **dots, **chunk._grad_options(torch.bfloat16), **chunk._gate_options(),
-                       "DIAGONAL_LOOP": False, "SWISH_Q": True},
-                      {"num_warps": config["intra_bwd_warps"], "maxnreg": config["intra_bwd_maxnreg"]}),
+                       "TIER": tier, "SWISH_Q": True, "WHOLE": config["whole_chunk"]},
+                      {"num_warps": tiers["intra_bwd"]["num_warps"], "maxnreg": tiers["intra_bwd"].get("maxnreg")}),
         "bwd_dv": (chunk._bwd_dv_kernel, bwd_dv, {**SIZES, "BV": config["dv_block_v"], **dots,
                                                    "A_SPLIT": a_dtype == "*fp32"},
                    {"num_warps": config["dv_warps"], "maxnreg": None}),
@@ -135,9 +138,10 @@ def main() -> None:
     parser.add_argument("--kernels", default="intra_fwd,fwd_scan,intra_bwd,bwd_dv,bwd_inter")
     parser.add_argument("--config", default="{}", help="a JSON dict merged into kernels.hgrn2.chunk.CONFIG")
     parser.add_argument("--lines", type=int, default=15, help="source lines to list per kernel")
+    parser.add_argument("--tier", type=int, default=0, choices=(0, 1, 2), help="launch of the intra kernels")
     args = parser.parse_args()
     chunk.CONFIG.update(json.loads(args.config))
-    specs = kernel_specs()
+    specs = kernel_specs(args.tier)
     for name in args.kernels.split(","):
         fn, arg_types, constexprs, options = specs[name]
         compiled = compile_for_hopper(fn, arg_types, constexprs, options)

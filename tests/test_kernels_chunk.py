@@ -47,15 +47,17 @@ def _run(fn, inputs, cu_seqlens, device, scale=None):
     return o, final, {name: x.grad for name, x in leaves.items()}
 
 
-def _check(inputs, seed, cu_seqlens=None, scale=None, grad_tol=None, log_bound_grad=False, swish_q=False):
+def _check(inputs, seed, cu_seqlens=None, scale=None, grad_tol=None, log_bound_grad=False, swish_q=False,
+           allocated=None):
     """Outputs and gradients against the float64 reference; with ``log_bound_grad`` the bound's gradient is
     compared as beta * d beta, the gradient with respect to log beta. With ``swish_q`` q is pre-activation:
-    the kernels apply swish, the reference takes torch's swish of it (in float64)."""
+    the kernels apply swish, the reference takes torch's swish of it (in float64). ``allocated`` receives the
+    kernels' buffers (poisoned_buffers)."""
     ours, reference = chunk.chunk_hgrn2, hgrn2_recurrent_reference
     if swish_q:
         ours = functools.partial(chunk.chunk_hgrn2, swish_q=True)
         reference = lambda q, **rest: hgrn2_recurrent_reference(torch.nn.functional.silu(q), **rest)  # noqa: E731
-    with poisoned_buffers(chunk):
+    with poisoned_buffers(chunk, allocated):
         o, final, grads = _run(ours, inputs, cu_seqlens, DEVICE, scale)
     ref_inputs = {name: None if x is None else x.double() for name, x in inputs.items()}
     ref_o, ref_final, ref_grads = _run(reference, ref_inputs, cu_seqlens, "cpu", scale)
@@ -151,6 +153,27 @@ def test_chunk_extreme_gates(shift, spread, bounded):
         scale = max(g.abs().max().item() for g in ref_grads.values())
         error = (grads["f_logit"].cpu().double() - ref_grads["f_logit"]).abs().max().item()
         assert error <= 1e-5 * scale, f"seed {seed}: |d f_logit error| {error:.1e} > 1e-5 * {scale:.1e}"
+
+
+@pytest.mark.parametrize("whole_chunk", [True, False])
+def test_chunk_tiers_mixed_in_one_chunk(whole_chunk, monkeypatch):
+    """The intra kernels run in three tiers per key block (chunk._factor_level): the whole chunk factored about
+    its middle (tier 0), 16-row sub-chunks (tier 1), the diagonal sub-chunks column by column (tier 2). Head 0
+    mixes them inside its chunks (key columns 16-31 decay ~3 a step: tier 1; columns 32-47 ~6 a step in the
+    second chunk only: tier 2 there); head 1 is tier 0 throughout (tier 1 with CONFIG["whole_chunk"] off).
+    Checks the result and that every tier ran."""
+    monkeypatch.setitem(chunk.CONFIG, "whole_chunk", whole_chunk)
+    seed, inputs = _inputs(1, 150, 2, 64, 32, False, True, 1)
+    gen = torch.Generator().manual_seed(seed)
+    x = inputs["f_logit"]
+    x[:, :, 0, 16:32] = -3.0 + 0.2 * torch.randn(x[:, :, 0, 16:32].shape, generator=gen)
+    x[:, 64:128, 0, 32:48] -= 6.0
+    allocated = []
+    _check(inputs, seed, grad_tol={"df_logit": 1e-3}, allocated=allocated)
+    forward, backward = [buffer.cpu() for buffer in allocated if buffer.dtype == torch.int32]  # the tier flags
+    easy = 0 if whole_chunk else 1
+    assert forward[:, 1].tolist() == [easy] * 3 and backward[:, 1].tolist() == [easy] * 3, (forward, backward)
+    assert forward[:, 0].tolist() == [1, 2, 1] and backward[:, 0].tolist() == [1, 2, 1], (forward, backward)
 
 
 def test_chunk_bf16_lower_bound_gradient_at_fp32_level():

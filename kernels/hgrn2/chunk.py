@@ -5,22 +5,28 @@ rows, cum_t = sum_{u <= t} log f_u (<= 0). The recurrence S_t = Diag(f_t) S_{t-1
 o_t = q^_t S_t splits per chunk into
     o = A i + (q^ * exp(cum)) S_prev,     A[t, s] = sum_k q^_tk k_sk exp(cum_tk - cum_sk)   (s <= t)
     S_next = exp(cum_last) * S_prev + (k * exp(cum_last - cum))^T i.
-Every exponent above is <= 0, so nothing overflows whatever the gates. A is built from 16-row sub-chunks: a
-pair t, s of different sub-chunks m > j factors exactly into exp(decay from the start of m to t) * exp(decay
-from the end of j to the start of m) * exp(decay from s to the end of j), all <= 1; a sub-chunk with itself
-factors through its own start when its decay spans less than FACTOR_SPAN (factors <= e^60), and is otherwise
-summed one column at a time (exp of differences, <= 1).
+Every exponent above is <= 0, so nothing overflows whatever the gates. A is formed per key block (BK key
+columns) in one of three tiers (_factor_level), chosen by how far the log-decay runs inside the chunk:
+  tier 0: each half of the chunk spans less than FACTOR_SPAN (all but extreme gates): the whole chunk factors
+          about its middle r, exp(cum_t - cum_s) = exp(cum_t - r) * exp(r - cum_s), both factors <= e^60 and
+          formed from sums inside one half; one product per key block;
+  tier 1: every 16-row sub-chunk spans less than FACTOR_SPAN: a pair t, s of different sub-chunks m > j
+          factors exactly into exp(decay from the start of m to t) * exp(decay from the end of j to the start
+          of m) * exp(decay from s to the end of j), all <= 1, a sub-chunk with itself through its own start;
+  tier 2: otherwise; as tier 1, but the diagonal sub-chunks are summed one column at a time (exp of
+          differences, <= 1).
+Each tier is its own launch (tier 0 for every chunk, flagging the chunks that need more; tiers 1 and 2 only
+for those), so the rare paths' registers cost the common one nothing.
 The decayed q^ * exp(cum) and k * exp(cum_last - cum) that the scans multiply are written by the intra
 kernel (input dtype); the cumulative decays themselves never leave the chip.
 
-Launches, forward:  intra (gates, A, decayed q/k; parallel over chunks; a second launch redoes the rare
-                    chunks whose diagonal sub-chunks do not factor) -> scan (sequential over chunks, state in
-                    registers).
+Launches, forward:  intra (gates, A, decayed q/k; parallel over chunks; three tiers) -> scan (sequential over
+                    chunks, state in registers).
 Launches, backward: state-gradient scan (reverse, sequential over chunks: the state gradient at every chunk
                     end) -> di (parallel over chunks and value blocks) -> inter-chunk dq, dk and the
-                    chunk-boundary log-decay gradient (parallel over chunks and key blocks) -> intra (parallel
-                    over chunks: the intra-chunk parts of dq, dk; dq; the log-decay gradient; d f_logit, d beta;
-                    again with a second launch for the chunks that do not factor).
+                    chunk-boundary log-decay gradient (parallel over chunks and key blocks) -> D = do i^T per
+                    chunk, stored for tier 0 -> intra (parallel over chunks: the intra-chunk parts of dq, dk; dq;
+                    the log-decay gradient; d f_logit, d beta; three tiers).
 """
 
 from __future__ import annotations
@@ -56,14 +62,18 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # a_fp32: _a_split; a_prec "bf16x3" (bf16 inputs, with a_fp32): A's products in the intra forward on hi + lo
 # parts of the decayed q and k, so A carries ~16 bits instead of bf16's 8 (H200: di 2.54e-3 -> 2.42e-3, fla
 # 2.50e-3; o 1.92e-3 -> 1.76e-3; +0.08 ms of 3.66 forward+backward; docs/kernels.md, v9).
-# dv_* and inter_*: the backward's two per-chunk launches (_bwd_dv_kernel, _bwd_inter_kernel; v10). The
-# register caps apply to the first launch of the intra kernels only (the column-at-a-time loop is not capped).
-CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 2, "intra_bwd_warps": 4,
-          "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": 168, "scan_maxnreg": None,
+# dv_* and inter_*: the backward's two per-chunk launches (_bwd_dv_kernel, _bwd_inter_kernel; v10).
+# intra_*0: the intra kernels' tier-0 launch; intra_* without the 0: tiers 1 and 2 (tier 2, the
+# column-at-a-time loop, uncapped); _tier_launches. whole_chunk: False turns tier 0's factorisation off (every
+# chunk then takes tier 1 or 2: slower, but a way around a compiler that mistranslates tier 0; v11).
+CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_warps": 4,
+          "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": 168,
+          "intra_fwd_maxnreg0": 128, "intra_bwd_maxnreg0": 168, "intra_fwd_block_k0": 16,
+          "intra_bwd_block_k0": 16, "intra_fwd_warps0": 4, "intra_bwd_warps0": 4, "scan_maxnreg": None,
           "dv_warps": 4, "dv_block_v": 64, "inter_warps": 4, "inter_block_k": 64, "inter_block_v": 64,
           "inter_stages": 2, "intra_fwd_stages": None, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
           "fast_log": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
-          "state_dtype": "bf16"}
+          "state_dtype": "bf16", "whole_chunk": True}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,34 +249,118 @@ def _sum_column_blocks(x, BT: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr):
 def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, flag_ptr, cu_ptr, chunks_ptr,
                       scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                       BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                      FAST_LOG: tl.constexpr, A_PREC_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr,
-                      SWISH_Q: tl.constexpr):
+                      FAST_LOG: tl.constexpr, A_PREC_SPLIT: tl.constexpr, TIER: tl.constexpr,
+                      SWISH_Q: tl.constexpr, WHOLE: tl.constexpr):
     """One chunk: A [BT, BT], the scan's operands q^ exp(cum) and k exp(cum_last - cum), and the chunk's total
     log-decay, BK key columns at a time (the gates of each row computed once).
 
-    With q~ = q^ exp(inside) and k~ = k exp(rest) (both <= their inputs), a pair t in sub-chunk m, s in
-    sub-chunk j <= m is q~_t gap(m, j) k~_s, gap = exp(before_m - end_j), the decay between the end of j and
-    the start of m (<= 1 for m > j): one product per column sub-chunk j. For m = j, gap = exp(-total_j) can be
-    large, so it is used only when the decay spans less than FACTOR_SPAN in every sub-chunk of this column
-    block; otherwise the diagonal sub-chunks are summed one column at a time. Two full-tile exponentials per
-    element; every other decay is a per-sub-chunk vector.
-
-    Launched twice, like _intra_bwd_kernel: the first launch (DIAGONAL_LOOP false) has no column-at-a-time
-    loop (its registers made the kernel spill) and stores in flag_ptr whether a key block of the chunk needed
-    it; the second redoes only the flagged chunks, with the loop, and overwrites their outputs.
+    Launched once per tier (see _factor_level). Tier 0 runs every chunk with the whole-chunk factorisation
+    (_intra_fwd_chunk_whole) and stores in flag_ptr the chunk's tier: the highest over its key blocks. Tiers 1
+    and 2 redo only the chunks flagged with their tier, with the sub-chunk factorisation (_intra_fwd_chunk;
+    tier 2 with its column-at-a-time loop for the diagonal sub-chunks), and overwrite their outputs. Each
+    tier's registers are its own: the rare paths cost the common one nothing.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     flag_ptr += i_c * H + i_h
-    if DIAGONAL_LOOP:
-        if tl.load(flag_ptr) != 0:
-            _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale, i_c,
-                             i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_LOG, A_PREC_SPLIT, DIAGONAL_LOOP,
-                             SWISH_Q)
-    else:
-        unfactored = _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr,
+    if TIER == 0:
+        tier = _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr,
                                       scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_LOG, A_PREC_SPLIT,
-                                      DIAGONAL_LOOP, SWISH_Q)
-        tl.store(flag_ptr, unfactored)
+                                      SWISH_Q, WHOLE)
+        tl.store(flag_ptr, tier)
+    else:
+        if tl.load(flag_ptr) == TIER:
+            _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale, i_c,
+                             i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_LOG, A_PREC_SPLIT, TIER == 2, SWISH_Q)
+
+
+@triton.jit
+def _factor_level(log_f, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, WHOLE: tl.constexpr):
+    """The tier a key block of a chunk needs: 0 if the log-decay of each half of the chunk spans less than
+    FACTOR_SPAN in every column (the whole chunk factors about its middle; only if WHOLE), 1 if that holds for
+    every BC-row sub-chunk (the sub-chunk factorisation), 2 otherwise (extreme gates: the diagonal sub-chunks
+    one column at a time)."""
+    sub = tl.max(tl.max(-tl.sum(tl.reshape(log_f, [BT // BC, BC, BK]), 1), axis=1), axis=0) < FACTOR_SPAN
+    level = tl.where(sub, 1, 2)
+    if WHOLE:
+        halves = tl.sum(tl.reshape(log_f, [2, BT // 2, BK]), 1)
+        level = tl.where(tl.max(tl.max(-halves, axis=1), axis=0) < FACTOR_SPAN, 0, level)
+    return level
+
+
+@triton.jit
+def _half_decays(log_f, BT: tl.constexpr, BK: tl.constexpr):
+    """_subchunk_decays for two halves of BT / 2 rows (the sums before and after each half are single terms):
+    inside, rest [2, BT / 2, BK]; total, before, after [2, BK]."""
+    lf = tl.reshape(log_f, [2, BT // 2, BK])
+    inside = tl.cumsum(lf, 1)
+    rest = tl.cumsum(lf, 1, reverse=True) - lf
+    total = tl.sum(lf, 1)
+    second = (tl.arange(0, 2) == 1)[:, None]
+    first_total = tl.sum(tl.where(second, 0.0, total), 0)
+    second_total = tl.sum(tl.where(second, total, 0.0), 0)
+    before = tl.where(second, first_total[None, :], 0.0)
+    after = tl.where(second, 0.0, second_total[None, :])
+    return inside, rest, total, before, after
+
+
+@triton.jit
+def _middle_factors(inside, rest, exp_inside, exp_rest):
+    """On a [2, BT / 2, BK] view of a chunk's log-decays (_half_decays), with r the
+    cumulative log-decay at the end of the first half: exp(cum_t - r) and exp(r - cum_t). cum_t - r is
+    -rest_t in the first half and inside_t in the second, sums within one half (no difference of large rounded
+    numbers); both factors are at most exp(half's span) < e^FACTOR_SPAN at tier 0, and their product for
+    s <= t is exp(cum_t - cum_s) <= 1."""
+    # the bound keeps blocks of higher tiers (redone later) finite
+    second = (tl.arange(0, 2) == 1)[:, None, None]
+    return (tl.where(second, exp_inside, tl.exp(tl.minimum(-rest, FACTOR_SPAN))),
+            tl.where(second, tl.exp(tl.minimum(-inside, FACTOR_SPAN)), exp_rest))
+
+
+@triton.jit
+def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale, i_c,
+                           i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                           BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                           FAST_LOG: tl.constexpr, A_PREC_SPLIT: tl.constexpr, SWISH_Q: tl.constexpr,
+                           WHOLE: tl.constexpr):
+    """Tier 0 of _intra_fwd_kernel: A[t, s] = (q^_t exp(cum_t - r)) . (k_s exp(r - cum_s)), one product per key
+    block (r: _middle_factors). Returns the chunk's tier (A is right only if it is 0)."""
+    seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
+    bos, eos = _seq_bounds(cu_ptr, seq)
+    HALF: tl.constexpr = BT // 2
+    t0 = bos + c * BT
+    rows = tl.arange(0, BT)
+    row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
+    a = tl.zeros([BT, BT], tl.float32)
+    tier = 0
+    for kb in range(0, K, BK):
+        cols = kb + tl.arange(0, BK)
+        log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
+        q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q)
+        tier = tl.maximum(tier, _factor_level(log_f, BT, BC, BK, WHOLE))
+        inside, rest, total, before, after = _half_decays(log_f, BT, BK)
+        exp_inside, exp_rest = tl.exp(inside), tl.exp(rest)
+        q3, k3 = tl.reshape(q, [2, HALF, BK]), tl.reshape(k, [2, HALF, BK])
+        _store_key_block(qd_ptr, _flat2(q3 * exp_inside * tl.exp(before)[:, None, :], 2, HALF, BK), row_base,
+                         row_ok, cols)
+        _store_key_block(kd_ptr, _flat2(k3 * exp_rest * tl.exp(after)[:, None, :], 2, HALF, BK), row_base, row_ok,
+                         cols)
+        tl.store(total_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, tl.sum(total, 0))
+        to_middle, from_middle = _middle_factors(inside, rest, exp_inside, exp_rest)
+        q_ref = _flat2(q3 * to_middle, 2, HALF, BK)
+        k_ref = _flat2(k3 * from_middle, 2, HALF, BK)
+        if A_PREC_SPLIT:
+            q_hi, q_lo = _split_bf16(q_ref)
+            k_hi, k_lo = _split_bf16(k_ref)
+            a = tl.dot(q_lo, tl.trans(k_hi), a)
+            a = tl.dot(q_hi, tl.trans(k_lo), a)
+            a = tl.dot(q_hi, tl.trans(k_hi), a)
+        else:
+            a += tl.dot(q_ref.to(DOT), tl.trans(k_ref.to(DOT)), input_precision=PREC)
+    # s > t (masked here) may have overflowed to inf: they never enter a sum
+    a = tl.where(rows[:, None] >= rows[None, :], a, 0.0)
+    a_ptrs, a_mask = _tile_ptrs(a_ptr, t0, eos, i_h, rows, rows, H, BT)
+    tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=a_mask)
+    return tier
 
 
 @triton.jit
@@ -274,8 +368,8 @@ def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, c
                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, FAST_LOG: tl.constexpr,
                      A_PREC_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
-    """_intra_fwd_kernel's work on one chunk; returns the number of key blocks whose diagonal sub-chunks do
-    not factor (without DIAGONAL_LOOP their A entries are wrong: the second launch redoes the chunk)."""
+    """Tiers 1 and 2 of _intra_fwd_kernel: A from 16-row sub-chunks (the module docstring); DIAGONAL_LOOP (tier
+    2) sums the diagonal sub-chunks of the key blocks that do not factor one column at a time."""
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     NC: tl.constexpr = BT // BC
@@ -284,7 +378,6 @@ def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, c
     blk = rows // BC
     row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
     a = tl.zeros([BT, BT], tl.float32)
-    unfactored = 0
     for kb in range(0, K, BK):  # a loop, not unrolled: the unrolled kernel stalled on instruction fetch
         cols = kb + tl.arange(0, BK)
         log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
@@ -296,7 +389,6 @@ def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, c
         _store_key_block(kd_ptr, _flat2(k_rest * tl.exp(after)[:, None, :], NC, BC, BK), row_base, row_ok, cols)
         tl.store(total_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, tl.sum(total, 0))
         factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
-        unfactored += tl.where(factored, 0, 1)
         end = before + total
         # one product per column sub-chunk j (one product over all of them, as the backward takes, measured
         # 0.2 ms slower here: docs/kernels.md, v7)
@@ -323,7 +415,6 @@ def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, c
     a = tl.where(rows[:, None] >= rows[None, :], a, 0.0)  # the diagonal sub-chunks' products cover s > t too
     a_ptrs, a_mask = _tile_ptrs(a_ptr, t0, eos, i_h, rows, rows, H, BT)
     tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=a_mask)
-    return unfactored
 
 
 @triton.jit
@@ -465,12 +556,40 @@ def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, 
 
 
 @triton.jit
-def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr,
+def _bwd_d_kernel(v_ptr, do_ptr, d_ptr, cu_ptr, chunks_ptr, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  DOT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """One (chunk, head): D = do i^T, causal, stored for the intra backward's tier 0 as D and D^T (each as hi
+    and lo bf16 parts with SPLIT, else fp32): [chunks, H, 2 * parts, BT, BT]."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
+    bos, eos = _seq_bounds(cu_ptr, seq)
+    t0 = bos + c * BT
+    rows, cols_v = tl.arange(0, BT), tl.arange(0, V)
+    do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+    v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+    d = tl.where(rows[:, None] >= rows[None, :], tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)
+    PARTS: tl.constexpr = 2 if SPLIT else 1
+    base = d_ptr + (i_c.to(tl.int64) * H + i_h) * (2 * PARTS * BT * BT)
+    straight = rows[:, None] * BT + rows[None, :]
+    transposed = rows[None, :] * BT + rows[:, None]
+    if SPLIT:
+        d_hi, d_lo = _split_bf16(d)
+        tl.store(base + straight, d_hi)
+        tl.store(base + BT * BT + straight, d_lo)
+        tl.store(base + 2 * BT * BT + transposed, d_hi)
+        tl.store(base + 3 * BT * BT + transposed, d_lo)
+    else:
+        tl.store(base + straight, d)
+        tl.store(base + BT * BT + transposed, d)
+
+
+@triton.jit
+def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr,
                       dx_ptr, dbeta_ptr, flag_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                       GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, GRAD_SPLIT: tl.constexpr,
-                      DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
+                      TIER: tl.constexpr, SWISH_Q: tl.constexpr, WHOLE: tl.constexpr):
     """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
     factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
     their decays; dq; then the log-decay gradient (reverse cumulative sum of q^ dq^ - k dk inside the chunk
@@ -482,83 +601,114 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc
     every token for d beta; bf16-rounded operands made d beta 20x and tf32 ones (wgmma truncates) 3x less
     accurate than fla's, the split 1.6x more accurate, and faster than tf32 (docs/kernels.md, v7).
 
-    Launched twice. The first launch (DIAGONAL_LOOP false) does every key block whose diagonal sub-chunks
-    factor (the decay spans less than FACTOR_SPAN) and stores in flag_ptr whether the chunk has any other;
-    the second (DIAGONAL_LOOP true) does only those, summing the diagonal sub-chunks one column at a time, in
-    the flagged chunks (extreme gates). Kept out of the first launch, that loop's registers cost nothing
-    (sm_90, bf16, before the swish fusion: spills at a 168-register cap 524 -> 144 bytes; docs/kernels.md,
-    v10)."""
+    Launched once per tier (_factor_level), each doing the key blocks of its tier: tier 0 every chunk (and
+    stores in flag_ptr the chunk's highest tier), tiers 1 and 2 only the chunks flagged with a tier at least
+    theirs. Key blocks are independent here, so a chunk's tier-0 blocks are not redone."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     flag_ptr += i_c * H + i_h
-    if DIAGONAL_LOOP:
-        if tl.load(flag_ptr) != 0:
-            _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
-                             dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H, K, V, BT, BC, BK, HAS_BETA, DOT,
-                             PREC, GRAD_PREC, FAST_LOG, GRAD_SPLIT, DIAGONAL_LOOP, SWISH_Q)
+    if TIER == 0:
+        tier = _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr,
+                                dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H, K, V, BT, BC, BK, HAS_BETA,
+                                DOT, PREC, GRAD_PREC, FAST_LOG, GRAD_SPLIT, TIER, SWISH_Q, WHOLE)
+        tl.store(flag_ptr, tier)
     else:
-        unfactored = _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr,
-                                      dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H, K, V, BT, BC, BK,
-                                      HAS_BETA, DOT, PREC, GRAD_PREC, FAST_LOG, GRAD_SPLIT, DIAGONAL_LOOP, SWISH_Q)
-        tl.store(flag_ptr, unfactored)
+        if tl.load(flag_ptr) >= TIER:
+            _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr,
+                             dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H, K, V, BT, BC, BK, HAS_BETA,
+                             DOT, PREC, GRAD_PREC, FAST_LOG, GRAD_SPLIT, TIER, SWISH_Q, WHOLE)
 
 
 @triton.jit
-def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
-                     cu_ptr, chunks_ptr, scale, i_c, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
+                     dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
                      DOT: tl.constexpr, PREC: tl.constexpr, GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr,
-                     GRAD_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
-    """_intra_bwd_kernel's work on one chunk; returns the number of key blocks whose diagonal sub-chunks do
-    not factor."""
+                     GRAD_SPLIT: tl.constexpr, TIER: tl.constexpr, SWISH_Q: tl.constexpr, WHOLE: tl.constexpr):
+    """_intra_bwd_kernel's work on one chunk: the key blocks of tier TIER; returns the chunk's highest tier."""
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     t0 = bos + c * BT
-    rows, cols_v = tl.arange(0, BT), tl.arange(0, V)
-    blk = rows // BC
-    do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
-    v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
-    d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s, shared by the key blocks
-    d_causal = tl.where(rows[:, None] >= rows[None, :], d, 0.0)
+    rows = tl.arange(0, BT)
+    if TIER == 0:  # D from _bwd_d_kernel, loaded where it is multiplied
+        d_causal = 0.0
+    else:
+        cols_v = tl.arange(0, V)
+        do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s, shared by the key blocks
+        d_causal = tl.where(rows[:, None] >= rows[None, :], d, 0.0)
     row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
-    unfactored = 0
+    tier = 0
     for kb in range(0, K, BK):
-        unfactored += _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
-                                           dbeta_ptr, d_causal, i_c, i_h, row_base, row_ok, kb + tl.arange(0, BK),
-                                           rows, blk, scale, H, K, BT, BC, BK, HAS_BETA, GRAD_PREC, FAST_LOG,
-                                           GRAD_SPLIT, DIAGONAL_LOOP, SWISH_Q)
-    return unfactored
+        cols = kb + tl.arange(0, BK)
+        log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
+        level = _factor_level(log_f, BT, BC, BK, WHOLE)
+        tier = tl.maximum(tier, level)
+        if level == TIER:
+            q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q)
+            if TIER == 0:  # (the log-decay gradient's reverse sums run over the halves: any split will do)
+                dq, dk, exp_cum, exp_to_end = _intra_bwd_whole(q, log_f, k, d_ptr, i_c, i_h, rows, H, BT, BK, GRAD_PREC,
+                                                                 GRAD_SPLIT)
+                _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q,
+                                  k, dq, dk, exp_cum, exp_to_end, i_c, i_h, row_base, row_ok, cols, scale, H, K, 2,
+                                  BT // 2, BK, HAS_BETA, SWISH_Q)
+            else:
+                dq, dk, exp_cum, exp_to_end = _intra_bwd_sub_chunks(q, log_f, k, d_causal, rows, BT, BC, BK,
+                                                                    GRAD_PREC, GRAD_SPLIT, TIER == 2)
+                _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q,
+                                  k, dq, dk, exp_cum, exp_to_end, i_c, i_h, row_base, row_ok, cols, scale, H, K,
+                                  BT // BC, BC, BK, HAS_BETA, SWISH_Q)
+    return tier
 
 
 @triton.jit
-def _intra_bwd_key_block(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, d_causal,
-                         i_c, i_h, row_base, row_ok, cols, rows, blk, scale, H: tl.constexpr, K: tl.constexpr,
-                         BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
-                         GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, GRAD_SPLIT: tl.constexpr,
-                         DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
-    """_intra_bwd_kernel's work on key columns ``cols``, if their diagonal sub-chunks factor (or, with
-    DIAGONAL_LOOP, if they do not); returns 1 if they do not factor, else 0."""
-    NC: tl.constexpr = BT // BC
-    log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
-    total = tl.sum(tl.reshape(log_f, [NC, BC, BK]), 1)
-    factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
-    run = factored
-    if DIAGONAL_LOOP:
-        run = factored == 0
-    if run:
-        _intra_bwd_key_block_body(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
-                                  log_f, k, d_causal, i_c, i_h, row_base, row_ok, cols, rows, blk, scale, H, K, BT,
-                                  BC, BK, HAS_BETA, GRAD_PREC, FAST_LOG, GRAD_SPLIT, DIAGONAL_LOOP, SWISH_Q)
-    return tl.where(factored, 0, 1)
+def _intra_bwd_whole(q, log_f, k, d_ptr, i_c, i_h, rows, H: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                     GRAD_PREC: tl.constexpr, GRAD_SPLIT: tl.constexpr):
+    """Tier 0: the intra-chunk dq^ and dk of one key block with the whole chunk factored about its middle
+    (_middle_factors): dq^_t = exp(cum_t - r) sum_s D[t, s] k_s exp(r - cum_s), dk_s likewise with D^T, one
+    product each, D and D^T read from _bwd_d_kernel's buffer. Also returns exp(cum) and exp(cum_last - cum) for
+    the inter-chunk parts."""
+    HALF: tl.constexpr = BT // 2
+    inside, rest, total, before, after = _half_decays(log_f, BT, BK)
+    exp_inside, exp_rest = tl.exp(inside), tl.exp(rest)
+    to_middle, from_middle = _middle_factors(inside, rest, exp_inside, exp_rest)
+    q_ref = _flat2(tl.reshape(q, [2, HALF, BK]) * to_middle, 2, HALF, BK)
+    k_ref = _flat2(tl.reshape(k, [2, HALF, BK]) * from_middle, 2, HALF, BK)
+    dq = _flat2(to_middle, 2, HALF, BK) * _dot_stored(d_ptr, i_c, i_h, 0, k_ref, rows, H, BT, GRAD_PREC, GRAD_SPLIT)
+    dk = _flat2(from_middle, 2, HALF, BK) * _dot_stored(d_ptr, i_c, i_h, 1, q_ref, rows, H, BT, GRAD_PREC,
+                                                        GRAD_SPLIT)
+    exp_cum = _flat2(exp_inside * tl.exp(before)[:, None, :], 2, HALF, BK)
+    exp_to_end = _flat2(exp_rest * tl.exp(after)[:, None, :], 2, HALF, BK)
+    return dq, dk, exp_cum, exp_to_end
 
 
 @triton.jit
-def _intra_bwd_key_block_body(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr,
-                              log_f, k, d_causal, i_c, i_h, row_base, row_ok, cols, rows, blk, scale, H: tl.constexpr,
-                              K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                              HAS_BETA: tl.constexpr, GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr,
-                              GRAD_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
+def _dot_stored(d_ptr, i_c, i_h, which, b, rows, H: tl.constexpr, BT: tl.constexpr, GRAD_PREC: tl.constexpr,
+                GRAD_SPLIT: tl.constexpr):
+    """D @ b (which 0) or D^T @ b (which 1), D (causal) as _bwd_d_kernel stored it: loaded, not kept in
+    registers (as register operands of these narrow products, Triton 3.6 on sm_90 read shared memory out of
+    range or gave wrong products; docs/kernels.md, v11)."""
+    PARTS: tl.constexpr = 2 if GRAD_SPLIT else 1
+    base = d_ptr + (i_c.to(tl.int64) * H + i_h) * (2 * PARTS * BT * BT) + which * (PARTS * BT * BT)
+    tile = rows[:, None] * BT + rows[None, :]
+    if GRAD_SPLIT:
+        d_hi = tl.load(base + tile)
+        d_lo = tl.load(base + BT * BT + tile)
+        product = _dot_split(d_hi, d_hi, d_lo, b, GRAD_PREC, GRAD_SPLIT)
+    else:
+        d = tl.load(base + tile)
+        product = _dot_split(d, d, d, b, GRAD_PREC, GRAD_SPLIT)
+    return product
+
+
+@triton.jit
+def _intra_bwd_sub_chunks(q, log_f, k, d_causal, rows, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                          GRAD_PREC: tl.constexpr, GRAD_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr):
+    """Tiers 1 and 2: the intra-chunk dq^ and dk of one key block from BC-row sub-chunks, as the forward's
+    _intra_fwd_chunk; DIAGONAL_LOOP (tier 2) sums the diagonal sub-chunks one column at a time. Also returns
+    exp(cum) and exp(cum_last - cum)."""
     NC: tl.constexpr = BT // BC
-    q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q)
+    blk = rows // BC
     inside, rest, total, before, after = _subchunk_decays(log_f, NC, BC, BK)
     exp_inside, exp_rest = tl.exp(inside), tl.exp(rest)
     q_in = tl.reshape(q, [NC, BC, BK]) * exp_inside
@@ -590,10 +740,21 @@ def _intra_bwd_key_block_body(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, d
             weighted = d_col[:, None] * decay
             dq += weighted * _row(k, rows, s)[None, :]
             dk += tl.where((rows == s)[:, None], tl.sum(weighted * q, axis=0)[None, :], 0.0)
-    # the inter-chunk parts: exp(cum) = exp(before + inside), exp(cum_last - cum) = exp(rest + after)
-    dq += _flat2(exp_inside * tl.exp(before)[:, None, :], NC, BC, BK) * _load_key_block(dq_ptr, row_base, row_ok, cols)
-    dk_inter = _flat2(exp_rest * tl.exp(after)[:, None, :], NC, BC, BK) * _load_key_block(dk_ptr, row_base, row_ok,
-                                                                                           cols)
+    exp_cum = _flat2(exp_inside * tl.exp(before)[:, None, :], NC, BC, BK)
+    exp_to_end = _flat2(exp_rest * tl.exp(after)[:, None, :], NC, BC, BK)
+    return dq, dk, exp_cum, exp_to_end
+
+
+@triton.jit
+def _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk,
+                      exp_cum, exp_to_end, i_c, i_h, row_base, row_ok, cols, scale, H: tl.constexpr,
+                      K: tl.constexpr, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                      HAS_BETA: tl.constexpr, SWISH_Q: tl.constexpr):
+    """Given one key block's intra-chunk dq^ and dk: the inter-chunk parts added with their decays (exp(cum),
+    exp(cum_last - cum)), dq stored, then d f_logit and the chunk's share of d beta. NC, BC: any split of the
+    chunk into sub-chunks for the reverse cumulative sum."""
+    dq += exp_cum * _load_key_block(dq_ptr, row_base, row_ok, cols)
+    dk_inter = exp_to_end * _load_key_block(dk_ptr, row_base, row_ok, cols)
     dk += dk_inter
     dq_post = dq * scale
     if SWISH_Q:
@@ -697,22 +858,28 @@ def _stages(name: str) -> dict:
     return {} if CONFIG[name] is None else {"num_stages": CONFIG[name]}
 
 
-def _launch_with_diagonal_pass(kernel, grid, args, register_cap: str, **options) -> None:
-    """Both launches of an intra kernel: the first, under CONFIG[register_cap], for every chunk (flagging those
-    with a key block whose diagonal sub-chunks do not factor); the second, uncapped, with the column-at-a-time
-    loop, for the flagged chunks only (extreme gates; the others exit at once)."""
-    for diagonal_loop in (False, True):
-        cap = {} if diagonal_loop else _maxnreg(register_cap)
-        kernel[grid](*args, DIAGONAL_LOOP=diagonal_loop, **options, **cap)
+def _tier_launches(name: str, key_dim: int) -> dict:
+    """Launch settings per tier of an intra kernel (``name``: "intra_fwd" or "intra_bwd"): key columns per
+    step, warps and register cap from CONFIG[name + "_block_k0" / "_warps0" / "_maxnreg0"] for tier 0, from
+    CONFIG[name + "_block_k" / "_warps" / "_maxnreg"] for tier 1; tier 2 (the column-at-a-time loop) as tier 1,
+    uncapped."""
+    def settings(suffix: str, capped: bool) -> dict:
+        cap = CONFIG[name + "_maxnreg" + suffix] if capped else None
+        return {"BK": min(CONFIG[name + "_block_k" + suffix], key_dim), "num_warps": CONFIG[name + "_warps" + suffix],
+                **({} if cap is None else {"maxnreg": cap})}
+
+    return {0: settings("0", True), 1: settings("", True), 2: settings("", False)}
+
+
+def _launch_tiers(kernel, grid, args, name: str, key_dim: int, **options) -> None:
+    """The three launches of an intra kernel (_factor_level): tier 0 for every chunk, flagging the chunks that
+    need more; tiers 1 and 2 for the flagged chunks only (the others exit at once)."""
+    for tier, launch in _tier_launches(name, key_dim).items():
+        kernel[grid](*args, TIER=tier, WHOLE=CONFIG["whole_chunk"], **options, **launch)
 
 
 def _scan_launch() -> dict:
     return {"num_warps": CONFIG["scan_warps"], "num_stages": CONFIG["scan_stages"], **_maxnreg("scan_maxnreg")}
-
-
-def _key_block(key_dim: int, setting: str) -> int:
-    """Key columns per step of the intra kernels' loop (registers grow with it; CONFIG sets it)."""
-    return min(CONFIG[setting], key_dim)
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -735,13 +902,11 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     k_dec = empty(q.shape, q.dtype, q.device)
     totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
     flags = empty((seqs.num_chunks, heads), torch.int32, q.device)
-    _launch_with_diagonal_pass(
+    _launch_tiers(
         _intra_fwd_kernel, (seqs.num_chunks, heads),
         (q, f_logit, beta_arg, a, q_dec, k_dec, totals, flags, seqs.cu_seqlens, seqs.chunks, scale),
-        "intra_fwd_maxnreg", H=heads, K=key_dim, BT=CHUNK, BC=SUB_CHUNK,
-        BK=_key_block(key_dim, "intra_fwd_block_k"), HAS_BETA=has_beta, DOT=dot, PREC=prec,
-        A_PREC_SPLIT=_a_prec_split(dot), SWISH_Q=swish_q, **_gate_options(), num_warps=CONFIG["intra_fwd_warps"],
-        **_stages("intra_fwd_stages"),
+        "intra_fwd", key_dim, H=heads, K=key_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot, PREC=prec,
+        A_PREC_SPLIT=_a_prec_split(dot), SWISH_Q=swish_q, **_gate_options(), **_stages("intra_fwd_stages"),
     )
     o = empty(i.shape, i.dtype, i.device)
     final = empty((seqs.num_seqs, heads, key_dim, value_dim), torch.float32, q.device) if output_final_state else None
@@ -795,13 +960,18 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
     dbeta_chunks = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
     flags = empty((seqs.num_chunks, heads), torch.int32, q.device)
-    _launch_with_diagonal_pass(
+    grad_options = _grad_options(q.dtype)
+    split = grad_options["GRAD_SPLIT"]
+    d_buffer = empty((seqs.num_chunks, heads, 4 if split else 2, CHUNK, CHUNK),
+                     torch.bfloat16 if split else torch.float32, q.device)
+    _bwd_d_kernel[(seqs.num_chunks, heads)](i, do, d_buffer, seqs.cu_seqlens, seqs.chunks, H=heads, V=value_dim,
+                                            BT=CHUNK, DOT=dot, PREC=prec, SPLIT=split)
+    _launch_tiers(
         _intra_bwd_kernel, (seqs.num_chunks, heads),
-        (q, f_logit, beta_arg, i, do, dq_inter, dk_inter, dgc, dq, dx, dbeta_chunks, flags, seqs.cu_seqlens,
+        (q, f_logit, beta_arg, i, do, d_buffer, dq_inter, dk_inter, dgc, dq, dx, dbeta_chunks, flags, seqs.cu_seqlens,
          seqs.chunks, scale),
-        "intra_bwd_maxnreg", H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK,
-        BK=_key_block(key_dim, "intra_bwd_block_k"), HAS_BETA=has_beta, DOT=dot, PREC=prec, SWISH_Q=swish_q,
-        **_grad_options(q.dtype), **_gate_options(), num_warps=CONFIG["intra_bwd_warps"],
+        "intra_bwd", key_dim, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta,
+        DOT=dot, PREC=prec, SWISH_Q=swish_q, **grad_options, **_gate_options(),
     )
     dbeta = dbeta_chunks.sum(0) if has_beta else None
     return dq, dx, di, dbeta, dh0

@@ -64,13 +64,16 @@ def patch_interpreter_bf16_dot() -> None:
 
 
 @contextlib.contextmanager
-def poisoned_buffers(chunk_module):
+def poisoned_buffers(chunk_module, allocated: list | None = None):
     """Every buffer the chunk kernels allocate starts as NaN (integer buffers as -1): an element a kernel fails
-    to write shows."""
+    to write shows. ``allocated``: a list that receives every buffer, in allocation order."""
     original = chunk_module.empty
 
     def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+        buffer = torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+        if allocated is not None:
+            allocated.append(buffer)
+        return buffer
 
     chunk_module.empty = nan_empty
     try:
