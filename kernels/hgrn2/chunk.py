@@ -180,6 +180,21 @@ def _dot_split(a, a_hi, a_lo, b, GRAD_PREC: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _add_q_kt(a, q, k, DOT: tl.constexpr, PREC: tl.constexpr, A_PREC_SPLIT: tl.constexpr):
+    """a + q k^T for fp32 q, k; with A_PREC_SPLIT as hi + lo bf16 parts, three products: A to ~16 bits instead of
+    bf16's 8 (k split before its transpose: Triton 3.6 crashed on a split transposed fp32 tile, v7)."""
+    if A_PREC_SPLIT:
+        q_hi, q_lo = _split_bf16(q)
+        k_hi, k_lo = _split_bf16(k)
+        a = tl.dot(q_lo, tl.trans(k_hi), a)
+        a = tl.dot(q_hi, tl.trans(k_lo), a)
+        a = tl.dot(q_hi, tl.trans(k_hi), a)
+    else:
+        a += tl.dot(q.to(DOT), tl.trans(k.to(DOT)), input_precision=PREC)
+    return a
+
+
+@triton.jit
 def _seq_bounds(cu_ptr, seq):
     return tl.load(cu_ptr + seq).to(tl.int64), tl.load(cu_ptr + seq + 1).to(tl.int64)
 
@@ -348,14 +363,7 @@ def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_
         to_middle, from_middle = _middle_factors(inside, rest, exp_inside, exp_rest)
         q_ref = _flat2(q3 * to_middle, 2, HALF, BK)
         k_ref = _flat2(k3 * from_middle, 2, HALF, BK)
-        if A_PREC_SPLIT:
-            q_hi, q_lo = _split_bf16(q_ref)
-            k_hi, k_lo = _split_bf16(k_ref)
-            a = tl.dot(q_lo, tl.trans(k_hi), a)
-            a = tl.dot(q_hi, tl.trans(k_lo), a)
-            a = tl.dot(q_hi, tl.trans(k_hi), a)
-        else:
-            a += tl.dot(q_ref.to(DOT), tl.trans(k_ref.to(DOT)), input_precision=PREC)
+        a = _add_q_kt(a, q_ref, k_ref, DOT, PREC, A_PREC_SPLIT)
     # s > t (masked here) may have overflowed to inf: they never enter a sum
     a = tl.where(rows[:, None] >= rows[None, :], a, 0.0)
     a_ptrs, a_mask = _tile_ptrs(a_ptr, t0, eos, i_h, rows, rows, H, BT)
@@ -395,15 +403,7 @@ def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, c
         for j in tl.static_range(0, NC):
             q_gap = _flat2(q_in * _gap(before, end, sub, j, factored)[:, None, :], NC, BC, BK)
             k_j = _flat2(tl.where((sub == j)[:, None, None], k_rest, 0.0), NC, BC, BK)
-            if A_PREC_SPLIT:  # the decayed q and k as hi + lo parts: A to ~16 bits instead of bf16's 8
-                # (k split before its transpose: Triton 3.6 crashed on a split transposed fp32 tile, v7)
-                q_hi, q_lo = _split_bf16(q_gap)
-                k_hi, k_lo = _split_bf16(k_j)
-                a = tl.dot(q_lo, tl.trans(k_hi), a)
-                a = tl.dot(q_hi, tl.trans(k_lo), a)
-                a = tl.dot(q_hi, tl.trans(k_hi), a)
-            else:
-                a += tl.dot(q_gap.to(DOT), tl.trans(k_j.to(DOT)), input_precision=PREC)
+            a = _add_q_kt(a, q_gap, k_j, DOT, PREC, A_PREC_SPLIT)
         if DIAGONAL_LOOP:  # noqa: SIM102 (a compile-time and a run-time condition: Triton cannot mix them)
             if not factored:  # the diagonal sub-chunks one column s at a time: exp(inside_t - inside_s), t >= s
                 inside2 = _flat2(inside, NC, BC, BK)
