@@ -43,6 +43,8 @@ from kernels.hgrn2.utils import (
     SUB_CHUNK,
     Sequences,
     check_chunk_inputs,
+    fast_exp,
+    fast_sigmoid,
     gate_jacobians,
     gate_log_f_and_k,
     make_sequences,
@@ -71,8 +73,9 @@ CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_wa
           "intra_fwd_maxnreg0": 128, "intra_bwd_maxnreg0": 168, "intra_fwd_block_k0": 16,
           "intra_bwd_block_k0": 16, "intra_fwd_warps0": 4, "intra_bwd_warps0": 4, "scan_maxnreg": None,
           "dv_warps": 4, "dv_block_v": 64, "inter_warps": 4, "inter_block_k": 64, "inter_block_v": 64,
-          "inter_stages": 2, "intra_fwd_stages": None, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
-          "fast_log": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
+          "inter_stages": 2, "intra_fwd_stages": None, "intra_fwd_stages0": None,
+          "intra_bwd_stages": None, "intra_bwd_stages0": 1, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
+          "fast_math": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
           "state_dtype": "bf16", "whole_chunk": True}
 
 
@@ -130,31 +133,31 @@ def _store_key_block(ptr, value, row_base, row_ok, cols):
 
 @triton.jit
 def _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K: tl.constexpr, HAS_BETA: tl.constexpr,
-                FAST_LOG: tl.constexpr):
+                FAST_MATH: tl.constexpr):
     """(log f, k) of a key block; rows past eos get log f = 0 and k = 0 (no decay, no input)."""
     x = _load_key_block(x_ptr, row_base, row_ok, cols)
     beta = 0.0
     if HAS_BETA:
         beta = tl.load(beta_ptr + i_h * K + cols).to(tl.float32)[None, :]
-    log_f, k = gate_log_f_and_k(x, beta, HAS_BETA, FAST_LOG)
+    log_f, k = gate_log_f_and_k(x, beta, HAS_BETA, FAST_MATH)
     return tl.where(row_ok[:, None], log_f, 0.0), tl.where(row_ok[:, None], k, 0.0)
 
 
 @triton.jit
-def _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q: tl.constexpr):
+def _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q: tl.constexpr, FAST_MATH: tl.constexpr):
     """scale * q of a key block; with SWISH_Q the stored q is pre-activation and swish is applied here."""
     q = _load_key_block(q_ptr, row_base, row_ok, cols)
     if SWISH_Q:
-        q = q * tl.sigmoid(q)
+        q = q * fast_sigmoid(q, FAST_MATH)
     return q * scale
 
 
 @triton.jit
-def _swish_grad(q_ptr, row_base, row_ok, cols):
+def _swish_grad(q_ptr, row_base, row_ok, cols, FAST_MATH: tl.constexpr):
     """d swish(x) / dx = sigma(x) (1 + x (1 - sigma(x))) at the stored pre-activation q (loaded again where it
     is needed, a cache hit, rather than kept live across the key block in the register-capped kernel)."""
     x = _load_key_block(q_ptr, row_base, row_ok, cols)
-    sig = tl.sigmoid(x)
+    sig = fast_sigmoid(x, FAST_MATH)
     return sig * (1.0 + x * (1.0 - sig))
 
 
@@ -226,22 +229,23 @@ def _flat2(x, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _gap(before, end, sub, j, with_diagonal):
+def _gap(before, end, sub, j, with_diagonal, FAST_MATH: tl.constexpr):
     """Per sub-chunk m [NC, BK]: exp(before_m - end_j), the decay from the end of sub-chunk j to the start of m
     (<= 1) for m after j; for m = j (only ``with_diagonal``) exp(-total_j), which the caller bounds; else 0."""
     end_j = tl.sum(tl.where((sub == j)[:, None], end, 0.0), axis=0)
     first = tl.where(with_diagonal, j, j + 1)
-    return tl.exp(tl.where((sub >= first)[:, None], before - end_j[None, :], float("-inf")))
+    return fast_exp(tl.where((sub >= first)[:, None], before - end_j[None, :], float("-inf")), FAST_MATH)
 
 
 @triton.jit
-def _gap_columns(before, end, FACTORED: tl.constexpr, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+def _gap_columns(before, end, FACTORED: tl.constexpr, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                 FAST_MATH: tl.constexpr):
     """Every _gap at once, laid out for one product over all column sub-chunks: [NC * BC, NC * BK], row t and
     column block j hold gap(m_t, j) = exp(before_m - end_j) (0 for j after m; at j = m only if FACTORED)."""
     m = tl.arange(0, NC)[:, None, None]
     j = tl.arange(0, NC)[None, :, None]
     valid = m >= j if FACTORED else m > j
-    gaps = tl.exp(tl.where(valid, before[:, None, :] - end[None, :, :], float("-inf")))
+    gaps = fast_exp(tl.where(valid, before[:, None, :] - end[None, :, :], float("-inf")), FAST_MATH)
     return tl.reshape(tl.broadcast_to(gaps[:, None, :, :], [NC, BC, NC, BK]), [NC * BC, NC * BK])
 
 
@@ -264,7 +268,7 @@ def _sum_column_blocks(x, BT: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr):
 def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, flag_ptr, cu_ptr, chunks_ptr,
                       scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                       BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                      FAST_LOG: tl.constexpr, A_PREC_SPLIT: tl.constexpr, TIER: tl.constexpr,
+                      FAST_MATH: tl.constexpr, A_PREC_SPLIT: tl.constexpr, TIER: tl.constexpr,
                       SWISH_Q: tl.constexpr, WHOLE: tl.constexpr):
     """One chunk: A [BT, BT], the scan's operands q^ exp(cum) and k exp(cum_last - cum), and the chunk's total
     log-decay, BK key columns at a time (the gates of each row computed once).
@@ -279,13 +283,13 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
     flag_ptr += i_c * H + i_h
     if TIER == 0:
         tier = _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr,
-                                      scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_LOG, A_PREC_SPLIT,
+                                      scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_MATH, A_PREC_SPLIT,
                                       SWISH_Q, WHOLE)
         tl.store(flag_ptr, tier)
     else:
         if tl.load(flag_ptr) == TIER:
             _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale, i_c,
-                             i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_LOG, A_PREC_SPLIT, TIER == 2, SWISH_Q)
+                             i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_MATH, A_PREC_SPLIT, TIER == 2, SWISH_Q)
 
 
 @triton.jit
@@ -319,7 +323,7 @@ def _half_decays(log_f, BT: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _middle_factors(inside, rest, exp_inside, exp_rest):
+def _middle_factors(inside, rest, exp_inside, exp_rest, FAST_MATH: tl.constexpr):
     """On a [2, BT / 2, BK] view of a chunk's log-decays (_half_decays), with r the
     cumulative log-decay at the end of the first half: exp(cum_t - r) and exp(r - cum_t). cum_t - r is
     -rest_t in the first half and inside_t in the second, sums within one half (no difference of large rounded
@@ -327,15 +331,15 @@ def _middle_factors(inside, rest, exp_inside, exp_rest):
     s <= t is exp(cum_t - cum_s) <= 1."""
     # the bound keeps blocks of higher tiers (redone later) finite
     second = (tl.arange(0, 2) == 1)[:, None, None]
-    return (tl.where(second, exp_inside, tl.exp(tl.minimum(-rest, FACTOR_SPAN))),
-            tl.where(second, tl.exp(tl.minimum(-inside, FACTOR_SPAN)), exp_rest))
+    return (tl.where(second, exp_inside, fast_exp(tl.minimum(-rest, FACTOR_SPAN), FAST_MATH)),
+            tl.where(second, fast_exp(tl.minimum(-inside, FACTOR_SPAN), FAST_MATH), exp_rest))
 
 
 @triton.jit
 def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale, i_c,
                            i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                            BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                           FAST_LOG: tl.constexpr, A_PREC_SPLIT: tl.constexpr, SWISH_Q: tl.constexpr,
+                           FAST_MATH: tl.constexpr, A_PREC_SPLIT: tl.constexpr, SWISH_Q: tl.constexpr,
                            WHOLE: tl.constexpr):
     """Tier 0 of _intra_fwd_kernel: A[t, s] = (q^_t exp(cum_t - r)) . (k_s exp(r - cum_s)), one product per key
     block (r: _middle_factors). Returns the chunk's tier (A is right only if it is 0)."""
@@ -349,18 +353,18 @@ def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_
     tier = 0
     for kb in range(0, K, BK):
         cols = kb + tl.arange(0, BK)
-        log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
-        q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q)
+        log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_MATH)
+        q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
         tier = tl.maximum(tier, _factor_level(log_f, BT, BC, BK, WHOLE))
         inside, rest, total, before, after = _half_decays(log_f, BT, BK)
-        exp_inside, exp_rest = tl.exp(inside), tl.exp(rest)
+        exp_inside, exp_rest = fast_exp(inside, FAST_MATH), fast_exp(rest, FAST_MATH)
         q3, k3 = tl.reshape(q, [2, HALF, BK]), tl.reshape(k, [2, HALF, BK])
-        _store_key_block(qd_ptr, _flat2(q3 * exp_inside * tl.exp(before)[:, None, :], 2, HALF, BK), row_base,
-                         row_ok, cols)
-        _store_key_block(kd_ptr, _flat2(k3 * exp_rest * tl.exp(after)[:, None, :], 2, HALF, BK), row_base, row_ok,
-                         cols)
+        q_dec = q3 * exp_inside * fast_exp(before, FAST_MATH)[:, None, :]
+        k_dec = k3 * exp_rest * fast_exp(after, FAST_MATH)[:, None, :]
+        _store_key_block(qd_ptr, _flat2(q_dec, 2, HALF, BK), row_base, row_ok, cols)
+        _store_key_block(kd_ptr, _flat2(k_dec, 2, HALF, BK), row_base, row_ok, cols)
         tl.store(total_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, tl.sum(total, 0))
-        to_middle, from_middle = _middle_factors(inside, rest, exp_inside, exp_rest)
+        to_middle, from_middle = _middle_factors(inside, rest, exp_inside, exp_rest, FAST_MATH)
         q_ref = _flat2(q3 * to_middle, 2, HALF, BK)
         k_ref = _flat2(k3 * from_middle, 2, HALF, BK)
         a = _add_q_kt(a, q_ref, k_ref, DOT, PREC, A_PREC_SPLIT)
@@ -374,7 +378,7 @@ def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_
 @triton.jit
 def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h,
                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                     HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, FAST_LOG: tl.constexpr,
+                     HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, FAST_MATH: tl.constexpr,
                      A_PREC_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
     """Tiers 1 and 2 of _intra_fwd_kernel: A from 16-row sub-chunks (the module docstring); DIAGONAL_LOOP (tier
     2) sums the diagonal sub-chunks of the key blocks that do not factor one column at a time."""
@@ -388,20 +392,22 @@ def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, c
     a = tl.zeros([BT, BT], tl.float32)
     for kb in range(0, K, BK):  # a loop, not unrolled: the unrolled kernel stalled on instruction fetch
         cols = kb + tl.arange(0, BK)
-        log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
-        q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q)
+        log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_MATH)
+        q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
         inside, rest, total, before, after = _subchunk_decays(log_f, NC, BC, BK)
-        q_in = tl.reshape(q, [NC, BC, BK]) * tl.exp(inside)
-        k_rest = tl.reshape(k, [NC, BC, BK]) * tl.exp(rest)
-        _store_key_block(qd_ptr, _flat2(q_in * tl.exp(before)[:, None, :], NC, BC, BK), row_base, row_ok, cols)
-        _store_key_block(kd_ptr, _flat2(k_rest * tl.exp(after)[:, None, :], NC, BC, BK), row_base, row_ok, cols)
+        q_in = tl.reshape(q, [NC, BC, BK]) * fast_exp(inside, FAST_MATH)
+        k_rest = tl.reshape(k, [NC, BC, BK]) * fast_exp(rest, FAST_MATH)
+        q_dec = q_in * fast_exp(before, FAST_MATH)[:, None, :]
+        k_dec = k_rest * fast_exp(after, FAST_MATH)[:, None, :]
+        _store_key_block(qd_ptr, _flat2(q_dec, NC, BC, BK), row_base, row_ok, cols)
+        _store_key_block(kd_ptr, _flat2(k_dec, NC, BC, BK), row_base, row_ok, cols)
         tl.store(total_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, tl.sum(total, 0))
         factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
         end = before + total
         # one product per column sub-chunk j (one product over all of them, as the backward takes, measured
         # 0.2 ms slower here: docs/kernels.md, v7)
         for j in tl.static_range(0, NC):
-            q_gap = _flat2(q_in * _gap(before, end, sub, j, factored)[:, None, :], NC, BC, BK)
+            q_gap = _flat2(q_in * _gap(before, end, sub, j, factored, FAST_MATH)[:, None, :], NC, BC, BK)
             k_j = _flat2(tl.where((sub == j)[:, None, None], k_rest, 0.0), NC, BC, BK)
             a = _add_q_kt(a, q_gap, k_j, DOT, PREC, A_PREC_SPLIT)
         if DIAGONAL_LOOP:  # noqa: SIM102 (a compile-time and a run-time condition: Triton cannot mix them)
@@ -409,7 +415,8 @@ def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, c
                 inside2 = _flat2(inside, NC, BC, BK)
                 for s in range(BT):
                     in_block = ((blk == s // BC) & (rows >= s))[:, None]
-                    decay = tl.exp(tl.where(in_block, inside2 - _row(inside2, rows, s)[None, :], float("-inf")))
+                    log_decay = tl.where(in_block, inside2 - _row(inside2, rows, s)[None, :], float("-inf"))
+                    decay = fast_exp(log_decay, FAST_MATH)
                     a_col = tl.sum(q * _row(k, rows, s)[None, :] * decay, axis=1)
                     a += tl.where((rows == s)[None, :], a_col[:, None], 0.0)
     a = tl.where(rows[:, None] >= rows[None, :], a, 0.0)  # the diagonal sub-chunks' products cover s > t too
@@ -558,8 +565,10 @@ def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, 
 @triton.jit
 def _bwd_d_kernel(v_ptr, do_ptr, d_ptr, cu_ptr, chunks_ptr, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   DOT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """One (chunk, head): D = do i^T, causal, stored for the intra backward's tier 0 as D and D^T (each as hi
-    and lo bf16 parts with SPLIT, else fp32): [chunks, H, 2 * parts, BT, BT]."""
+    """One (chunk, head): D = do i^T, causal, stored for the intra backward's tier 0 (as hi and lo bf16 parts
+    with SPLIT, else fp32): [chunks, H, parts, BT, BT]. The intra backward reads D^T through transposed offsets
+    (a stored copy of D^T, v11, cost 0.09 ms more at the first shape: the stores here and a second tile's loads
+    there)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
@@ -569,18 +578,14 @@ def _bwd_d_kernel(v_ptr, do_ptr, d_ptr, cu_ptr, chunks_ptr, H: tl.constexpr, V: 
     v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
     d = tl.where(rows[:, None] >= rows[None, :], tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)
     PARTS: tl.constexpr = 2 if SPLIT else 1
-    base = d_ptr + (i_c.to(tl.int64) * H + i_h) * (2 * PARTS * BT * BT)
-    straight = rows[:, None] * BT + rows[None, :]
-    transposed = rows[None, :] * BT + rows[:, None]
+    base = d_ptr + (i_c.to(tl.int64) * H + i_h) * (PARTS * BT * BT)
+    tile = rows[:, None] * BT + rows[None, :]
     if SPLIT:
         d_hi, d_lo = _split_bf16(d)
-        tl.store(base + straight, d_hi)
-        tl.store(base + BT * BT + straight, d_lo)
-        tl.store(base + 2 * BT * BT + transposed, d_hi)
-        tl.store(base + 3 * BT * BT + transposed, d_lo)
+        tl.store(base + tile, d_hi)
+        tl.store(base + BT * BT + tile, d_lo)
     else:
-        tl.store(base + straight, d)
-        tl.store(base + BT * BT + transposed, d)
+        tl.store(base + tile, d)
 
 
 @triton.jit
@@ -588,8 +593,8 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_p
                       dx_ptr, dbeta_ptr, flag_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                      GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr, GRAD_SPLIT: tl.constexpr,
-                      TIER: tl.constexpr, SWISH_Q: tl.constexpr, WHOLE: tl.constexpr):
+                      GRAD_PREC: tl.constexpr, FAST_MATH: tl.constexpr, GRAD_SPLIT: tl.constexpr,
+                      TIER: tl.constexpr, SWISH_Q: tl.constexpr):
     """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
     factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
     their decays; dq; then the log-decay gradient (reverse cumulative sum of q^ dq^ - k dk inside the chunk
@@ -601,30 +606,31 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_p
     every token for d beta; bf16-rounded operands made d beta 20x and tf32 ones (wgmma truncates) 3x less
     accurate than fla's, the split 1.6x more accurate, and faster than tf32 (docs/kernels.md, v7).
 
-    Launched once per tier (_factor_level), each doing the key blocks of its tier: tier 0 every chunk (and
-    stores in flag_ptr the chunk's highest tier), tiers 1 and 2 only the chunks flagged with a tier at least
-    theirs. Key blocks are independent here, so a chunk's tier-0 blocks are not redone."""
+    Launched once per tier; flag_ptr holds each chunk's tier as the forward's tier-0 launch found it (the
+    highest _factor_level over its key blocks: the same gates give the same tiers here). Tier 0 does the chunks
+    of tier 0, all key blocks, with no test of its own; tiers 1 and 2 the other chunks, each the key blocks
+    whose sub-chunk level (_factor_level without the whole-chunk test) is its own."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    flag_ptr += i_c * H + i_h
+    flag = tl.load(flag_ptr + i_c * H + i_h)
     if TIER == 0:
-        tier = _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr,
-                                dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H, K, V, BT, BC, BK, HAS_BETA,
-                                DOT, PREC, GRAD_PREC, FAST_LOG, GRAD_SPLIT, TIER, SWISH_Q, WHOLE)
-        tl.store(flag_ptr, tier)
+        if flag == 0:
+            _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
+                             dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H, K, V, BT, BC, BK, HAS_BETA, DOT, PREC,
+                             GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q)
     else:
-        if tl.load(flag_ptr) >= TIER:
-            _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr,
-                             dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H, K, V, BT, BC, BK, HAS_BETA,
-                             DOT, PREC, GRAD_PREC, FAST_LOG, GRAD_SPLIT, TIER, SWISH_Q, WHOLE)
+        if flag >= TIER:
+            _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
+                             dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H, K, V, BT, BC, BK, HAS_BETA, DOT, PREC,
+                             GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q)
 
 
 @triton.jit
 def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
                      dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
-                     DOT: tl.constexpr, PREC: tl.constexpr, GRAD_PREC: tl.constexpr, FAST_LOG: tl.constexpr,
-                     GRAD_SPLIT: tl.constexpr, TIER: tl.constexpr, SWISH_Q: tl.constexpr, WHOLE: tl.constexpr):
-    """_intra_bwd_kernel's work on one chunk: the key blocks of tier TIER; returns the chunk's highest tier."""
+                     DOT: tl.constexpr, PREC: tl.constexpr, GRAD_PREC: tl.constexpr, FAST_MATH: tl.constexpr,
+                     GRAD_SPLIT: tl.constexpr, TIER: tl.constexpr, SWISH_Q: tl.constexpr):
+    """_intra_bwd_kernel's work on one chunk: every key block (tier 0) or those of sub-chunk level TIER."""
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     t0 = bos + c * BT
@@ -638,59 +644,56 @@ def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_pt
         d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s, shared by the key blocks
         d_causal = tl.where(rows[:, None] >= rows[None, :], d, 0.0)
     row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
-    tier = 0
     for kb in range(0, K, BK):
         cols = kb + tl.arange(0, BK)
-        log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_LOG)
-        level = _factor_level(log_f, BT, BC, BK, WHOLE)
-        tier = tl.maximum(tier, level)
-        if level == TIER:
-            q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q)
-            if TIER == 0:  # (the log-decay gradient's reverse sums run over the halves: any split will do)
-                dq, dk, exp_cum, exp_to_end = _intra_bwd_whole(q, log_f, k, d_ptr, i_c, i_h, rows, H, BT, BK, GRAD_PREC,
-                                                                 GRAD_SPLIT)
-                _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q,
-                                  k, dq, dk, exp_cum, exp_to_end, i_c, i_h, row_base, row_ok, cols, scale, H, K, 2,
-                                  BT // 2, BK, HAS_BETA, SWISH_Q)
-            else:
+        log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_MATH)
+        if TIER == 0:  # (the log-decay gradient's reverse sums run over the halves: any split will do)
+            q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
+            dq, dk, exp_cum, exp_to_end = _intra_bwd_whole(q, log_f, k, d_ptr, i_c, i_h, rows, H, BT, BK, GRAD_PREC,
+                                                             GRAD_SPLIT, FAST_MATH)
+            _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k,
+                              dq, dk, exp_cum, exp_to_end, i_c, i_h, row_base, row_ok, cols, scale, H, K, 2, BT // 2,
+                              BK, HAS_BETA, SWISH_Q, FAST_MATH)
+        else:
+            if _factor_level(log_f, BT, BC, BK, False) == TIER:
+                q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
                 dq, dk, exp_cum, exp_to_end = _intra_bwd_sub_chunks(q, log_f, k, d_causal, rows, BT, BC, BK,
-                                                                    GRAD_PREC, GRAD_SPLIT, TIER == 2)
+                                                                    GRAD_PREC, GRAD_SPLIT, TIER == 2, FAST_MATH)
                 _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q,
                                   k, dq, dk, exp_cum, exp_to_end, i_c, i_h, row_base, row_ok, cols, scale, H, K,
-                                  BT // BC, BC, BK, HAS_BETA, SWISH_Q)
-    return tier
+                                  BT // BC, BC, BK, HAS_BETA, SWISH_Q, FAST_MATH)
 
 
 @triton.jit
 def _intra_bwd_whole(q, log_f, k, d_ptr, i_c, i_h, rows, H: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     GRAD_PREC: tl.constexpr, GRAD_SPLIT: tl.constexpr):
+                     GRAD_PREC: tl.constexpr, GRAD_SPLIT: tl.constexpr, FAST_MATH: tl.constexpr):
     """Tier 0: the intra-chunk dq^ and dk of one key block with the whole chunk factored about its middle
     (_middle_factors): dq^_t = exp(cum_t - r) sum_s D[t, s] k_s exp(r - cum_s), dk_s likewise with D^T, one
     product each, D and D^T read from _bwd_d_kernel's buffer. Also returns exp(cum) and exp(cum_last - cum) for
     the inter-chunk parts."""
     HALF: tl.constexpr = BT // 2
     inside, rest, total, before, after = _half_decays(log_f, BT, BK)
-    exp_inside, exp_rest = tl.exp(inside), tl.exp(rest)
-    to_middle, from_middle = _middle_factors(inside, rest, exp_inside, exp_rest)
+    exp_inside, exp_rest = fast_exp(inside, FAST_MATH), fast_exp(rest, FAST_MATH)
+    to_middle, from_middle = _middle_factors(inside, rest, exp_inside, exp_rest, FAST_MATH)
     q_ref = _flat2(tl.reshape(q, [2, HALF, BK]) * to_middle, 2, HALF, BK)
     k_ref = _flat2(tl.reshape(k, [2, HALF, BK]) * from_middle, 2, HALF, BK)
-    dq = _flat2(to_middle, 2, HALF, BK) * _dot_stored(d_ptr, i_c, i_h, 0, k_ref, rows, H, BT, GRAD_PREC, GRAD_SPLIT)
-    dk = _flat2(from_middle, 2, HALF, BK) * _dot_stored(d_ptr, i_c, i_h, 1, q_ref, rows, H, BT, GRAD_PREC,
+    dq = _flat2(to_middle, 2, HALF, BK) * _dot_stored(d_ptr, i_c, i_h, False, k_ref, rows, H, BT, GRAD_PREC, GRAD_SPLIT)
+    dk = _flat2(from_middle, 2, HALF, BK) * _dot_stored(d_ptr, i_c, i_h, True, q_ref, rows, H, BT, GRAD_PREC,
                                                         GRAD_SPLIT)
-    exp_cum = _flat2(exp_inside * tl.exp(before)[:, None, :], 2, HALF, BK)
-    exp_to_end = _flat2(exp_rest * tl.exp(after)[:, None, :], 2, HALF, BK)
+    exp_cum = _flat2(exp_inside * fast_exp(before, FAST_MATH)[:, None, :], 2, HALF, BK)
+    exp_to_end = _flat2(exp_rest * fast_exp(after, FAST_MATH)[:, None, :], 2, HALF, BK)
     return dq, dk, exp_cum, exp_to_end
 
 
 @triton.jit
-def _dot_stored(d_ptr, i_c, i_h, which, b, rows, H: tl.constexpr, BT: tl.constexpr, GRAD_PREC: tl.constexpr,
-                GRAD_SPLIT: tl.constexpr):
-    """D @ b (which 0) or D^T @ b (which 1), D (causal) as _bwd_d_kernel stored it: loaded, not kept in
-    registers (as register operands of these narrow products, Triton 3.6 on sm_90 read shared memory out of
-    range or gave wrong products; docs/kernels.md, v11)."""
+def _dot_stored(d_ptr, i_c, i_h, TRANSPOSED: tl.constexpr, b, rows, H: tl.constexpr, BT: tl.constexpr,
+                GRAD_PREC: tl.constexpr, GRAD_SPLIT: tl.constexpr):
+    """D @ b or (TRANSPOSED) D^T @ b, D (causal) as _bwd_d_kernel stored it: loaded, not kept in registers (as
+    register operands of these narrow products, Triton 3.6 on sm_90 read shared memory out of range or gave
+    wrong products; docs/kernels.md, v11); D^T through transposed offsets."""
     PARTS: tl.constexpr = 2 if GRAD_SPLIT else 1
-    base = d_ptr + (i_c.to(tl.int64) * H + i_h) * (2 * PARTS * BT * BT) + which * (PARTS * BT * BT)
-    tile = rows[:, None] * BT + rows[None, :]
+    base = d_ptr + (i_c.to(tl.int64) * H + i_h) * (PARTS * BT * BT)
+    tile = rows[None, :] * BT + rows[:, None] if TRANSPOSED else rows[:, None] * BT + rows[None, :]
     if GRAD_SPLIT:
         d_hi = tl.load(base + tile)
         d_lo = tl.load(base + BT * BT + tile)
@@ -703,14 +706,15 @@ def _dot_stored(d_ptr, i_c, i_h, which, b, rows, H: tl.constexpr, BT: tl.constex
 
 @triton.jit
 def _intra_bwd_sub_chunks(q, log_f, k, d_causal, rows, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                          GRAD_PREC: tl.constexpr, GRAD_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr):
+                          GRAD_PREC: tl.constexpr, GRAD_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr,
+                          FAST_MATH: tl.constexpr):
     """Tiers 1 and 2: the intra-chunk dq^ and dk of one key block from BC-row sub-chunks, as the forward's
     _intra_fwd_chunk; DIAGONAL_LOOP (tier 2) sums the diagonal sub-chunks one column at a time. Also returns
     exp(cum) and exp(cum_last - cum)."""
     NC: tl.constexpr = BT // BC
     blk = rows // BC
     inside, rest, total, before, after = _subchunk_decays(log_f, NC, BC, BK)
-    exp_inside, exp_rest = tl.exp(inside), tl.exp(rest)
+    exp_inside, exp_rest = fast_exp(inside, FAST_MATH), fast_exp(rest, FAST_MATH)
     q_in = tl.reshape(q, [NC, BC, BK]) * exp_inside
     k_rest = _flat2(tl.reshape(k, [NC, BC, BK]) * exp_rest, NC, BC, BK)
 
@@ -721,7 +725,7 @@ def _intra_bwd_sub_chunks(q, log_f, k, d_causal, rows, BT: tl.constexpr, BC: tl.
     # NC * BK instead of 2 NC of width BK: 0.27 ms less at the benchmark's first shape (docs/kernels.md, v7).
     end = before + total
     q_in2 = _flat2(q_in, NC, BC, BK)
-    gaps = _gap_columns(before, end, not DIAGONAL_LOOP, NC, BC, BK)
+    gaps = _gap_columns(before, end, not DIAGONAL_LOOP, NC, BC, BK, FAST_MATH)
     own = blk[:, None] == (tl.arange(0, NC * BK) // BK)[None, :]
     k_own = tl.where(own, _repeat_columns(k_rest, BT, NC, BK), 0.0)
     d_hi, d_lo = _split_bf16(d_causal)  # unused without GRAD_SPLIT (dropped by the compiler)
@@ -735,13 +739,14 @@ def _intra_bwd_sub_chunks(q, log_f, k, d_causal, rows, BT: tl.constexpr, BC: tl.
         inside2 = _flat2(inside, NC, BC, BK)
         for s in range(BT):
             in_block = ((blk == s // BC) & (rows >= s))[:, None]
-            decay = tl.exp(tl.where(in_block, inside2 - _row(inside2, rows, s)[None, :], float("-inf")))
+            log_decay = tl.where(in_block, inside2 - _row(inside2, rows, s)[None, :], float("-inf"))
+            decay = fast_exp(log_decay, FAST_MATH)
             d_col = tl.sum(tl.where((rows == s)[None, :], d_causal, 0.0), axis=1)
             weighted = d_col[:, None] * decay
             dq += weighted * _row(k, rows, s)[None, :]
             dk += tl.where((rows == s)[:, None], tl.sum(weighted * q, axis=0)[None, :], 0.0)
-    exp_cum = _flat2(exp_inside * tl.exp(before)[:, None, :], NC, BC, BK)
-    exp_to_end = _flat2(exp_rest * tl.exp(after)[:, None, :], NC, BC, BK)
+    exp_cum = _flat2(exp_inside * fast_exp(before, FAST_MATH)[:, None, :], NC, BC, BK)
+    exp_to_end = _flat2(exp_rest * fast_exp(after, FAST_MATH)[:, None, :], NC, BC, BK)
     return dq, dk, exp_cum, exp_to_end
 
 
@@ -749,7 +754,7 @@ def _intra_bwd_sub_chunks(q, log_f, k, d_causal, rows, BT: tl.constexpr, BC: tl.
 def _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk,
                       exp_cum, exp_to_end, i_c, i_h, row_base, row_ok, cols, scale, H: tl.constexpr,
                       K: tl.constexpr, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      HAS_BETA: tl.constexpr, SWISH_Q: tl.constexpr):
+                      HAS_BETA: tl.constexpr, SWISH_Q: tl.constexpr, FAST_MATH: tl.constexpr):
     """Given one key block's intra-chunk dq^ and dk: the inter-chunk parts added with their decays (exp(cum),
     exp(cum_last - cum)), dq stored, then d f_logit and the chunk's share of d beta. NC, BC: any split of the
     chunk into sub-chunks for the reverse cumulative sum."""
@@ -758,9 +763,8 @@ def _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_pt
     dk += dk_inter
     dq_post = dq * scale
     if SWISH_Q:
-        _store_key_block(dq_out_ptr, dq_post * _swish_grad(q_ptr, row_base, row_ok, cols), row_base, row_ok, cols)
-    else:
-        _store_key_block(dq_out_ptr, dq_post, row_base, row_ok, cols)
+        dq_post *= _swish_grad(q_ptr, row_base, row_ok, cols, FAST_MATH)
+    _store_key_block(dq_out_ptr, dq_post, row_base, row_ok, cols)
 
     # Log-decay gradient of row t: everything later in the chunk, plus the chunk-end term sum_v S_end ds_end
     # (all later chunks, and the final state's gradient): _bwd_inter_kernel's part through the entering state
@@ -774,7 +778,7 @@ def _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_pt
     beta = 0.0
     if HAS_BETA:
         beta = tl.load(beta_ptr + i_h * K + cols).to(tl.float32)[None, :]
-    dlogf_dx, dlogf_dbeta, dk_dx, dk_dbeta = gate_jacobians(x, beta, HAS_BETA)
+    dlogf_dx, dlogf_dbeta, dk_dx, dk_dbeta = gate_jacobians(x, beta, HAS_BETA, FAST_MATH)
     _store_key_block(dx_ptr, grad_log_f * dlogf_dx + dk * dk_dx, row_base, row_ok, cols)
     if HAS_BETA:
         partial = tl.sum(tl.where(row_ok[:, None], grad_log_f * dlogf_dbeta + dk * dk_dbeta, 0.0), 0)
@@ -847,7 +851,7 @@ def _a_prec_split(dot) -> bool:
 
 def _gate_options() -> dict:
     """The hardware log in the intra kernels' gate math (not under the interpreter: no inline assembly)."""
-    return {"FAST_LOG": CONFIG["fast_log"] and os.environ.get("TRITON_INTERPRET") != "1"}
+    return {"FAST_MATH": CONFIG["fast_math"] and os.environ.get("TRITON_INTERPRET") != "1"}
 
 
 def _maxnreg(name: str) -> dict:
@@ -866,7 +870,7 @@ def _tier_launches(name: str, key_dim: int) -> dict:
     def settings(suffix: str, capped: bool) -> dict:
         cap = CONFIG[name + "_maxnreg" + suffix] if capped else None
         return {"BK": min(CONFIG[name + "_block_k" + suffix], key_dim), "num_warps": CONFIG[name + "_warps" + suffix],
-                **({} if cap is None else {"maxnreg": cap})}
+                **({} if cap is None else {"maxnreg": cap}), **_stages(name + "_stages" + suffix)}
 
     return {0: settings("0", True), 1: settings("", True), 2: settings("", False)}
 
@@ -875,7 +879,7 @@ def _launch_tiers(kernel, grid, args, name: str, key_dim: int, **options) -> Non
     """The three launches of an intra kernel (_factor_level): tier 0 for every chunk, flagging the chunks that
     need more; tiers 1 and 2 for the flagged chunks only (the others exit at once)."""
     for tier, launch in _tier_launches(name, key_dim).items():
-        kernel[grid](*args, TIER=tier, WHOLE=CONFIG["whole_chunk"], **options, **launch)
+        kernel[grid](*args, TIER=tier, **options, **launch)
 
 
 def _scan_launch() -> dict:
@@ -906,7 +910,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
         _intra_fwd_kernel, (seqs.num_chunks, heads),
         (q, f_logit, beta_arg, a, q_dec, k_dec, totals, flags, seqs.cu_seqlens, seqs.chunks, scale),
         "intra_fwd", key_dim, H=heads, K=key_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot, PREC=prec,
-        A_PREC_SPLIT=_a_prec_split(dot), SWISH_Q=swish_q, **_gate_options(), **_stages("intra_fwd_stages"),
+        A_PREC_SPLIT=_a_prec_split(dot), SWISH_Q=swish_q, WHOLE=CONFIG["whole_chunk"], **_gate_options(),
     )
     o = empty(i.shape, i.dtype, i.device)
     final = empty((seqs.num_seqs, heads, key_dim, value_dim), torch.float32, q.device) if output_final_state else None
@@ -921,11 +925,11 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
         A_SPLIT=_a_split(dot),
         **_scan_launch(),
     )
-    return o, final, (a, q_dec, k_dec, totals, states)
+    return o, final, (a, q_dec, k_dec, totals, states, flags)
 
 
 def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: Sequences, swish_q):
-    a, q_dec, k_dec, totals, states = saved
+    a, q_dec, k_dec, totals, states, flags = saved
     tokens, heads, key_dim = _flat(q).shape
     value_dim = i.shape[-1]
     dot, prec = _dot_config(q.dtype)
@@ -959,10 +963,9 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
     dbeta_chunks = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
-    flags = empty((seqs.num_chunks, heads), torch.int32, q.device)
     grad_options = _grad_options(q.dtype)
     split = grad_options["GRAD_SPLIT"]
-    d_buffer = empty((seqs.num_chunks, heads, 4 if split else 2, CHUNK, CHUNK),
+    d_buffer = empty((seqs.num_chunks, heads, 2 if split else 1, CHUNK, CHUNK),
                      torch.bfloat16 if split else torch.float32, q.device)
     _bwd_d_kernel[(seqs.num_chunks, heads)](i, do, d_buffer, seqs.cu_seqlens, seqs.chunks, H=heads, V=value_dim,
                                             BT=CHUNK, DOT=dot, PREC=prec, SPLIT=split)

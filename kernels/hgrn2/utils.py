@@ -22,10 +22,36 @@ SUB_CHUNK = 16  # rows of the diagonal blocks handled element-wise (the stable p
 #   lose relative accuracy exactly where beta pushes f towards 1).
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _sigmoids(x):
+def fast_exp(x, FAST: tl.constexpr):
+    """exp(x); with FAST (compiled kernels only: the interpreter cannot run inline assembly) the SFU's
+    ex2.approx.ftz: the same instruction tl.exp takes, without its fix-up for results below 2^-126 (which
+    become 0 here). Two instructions instead of five."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * 1.4426950408889634],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    return tl.exp(x)
+
+
+@triton.jit
+def fast_rcp(x, FAST: tl.constexpr):
+    """1 / x; with FAST the SFU's rcp.approx.ftz (about 1 ulp; one instruction instead of ~9 for the
+    division's range handling)."""
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return 1.0 / x
+
+
+@triton.jit
+def fast_sigmoid(x, FAST: tl.constexpr):
+    return _sigmoids(x, FAST)[0]
+
+
+@triton.jit
+def _sigmoids(x, FAST: tl.constexpr = False):
     """(sigma(x), sigma(-x), exp(-|x|)) from one exponential."""
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
+    e = fast_exp(-tl.abs(x), FAST)
+    r = fast_rcp(1.0 + e, FAST)
     positive = x >= 0
     return tl.where(positive, r, e * r), tl.where(positive, e * r, r), e
 
@@ -39,16 +65,16 @@ def _fast_ln(x):
 
 
 @triton.jit
-def gate_log_f_and_k(x, beta, HAS_BETA: tl.constexpr, FAST_LOG: tl.constexpr = False):
+def gate_log_f_and_k(x, beta, HAS_BETA: tl.constexpr, FAST_MATH: tl.constexpr = False):
     """Returns (log f, k) for logits x.
 
-    FAST_LOG (compiled kernels only: the interpreter cannot run inline assembly) takes one hardware log of f
-    instead of two accurate ones: the absolute error in log f, ~1e-7, is what the decays see, about that of the
-    rounding of 1 + e in the accurate form. Where f may be subnormal (no bound, x < -20) log f = x - e, exact
-    to fp32 there since e < 2e-9.
+    FAST_MATH (compiled kernels only: the interpreter cannot run inline assembly) takes one hardware log of f
+    instead of two accurate ones (and fast_exp, fast_rcp in the sigmoids): the absolute error in log f, ~1e-7,
+    is what the decays see, about that of the rounding of 1 + e in the accurate form. Where f may be subnormal
+    (no bound, x < -20) log f = x - e, exact to fp32 there since e < 2e-9.
     """
-    sig, sig_neg, e = _sigmoids(x)
-    if FAST_LOG:
+    sig, sig_neg, e = _sigmoids(x, FAST_MATH)
+    if FAST_MATH:
         if HAS_BETA:
             f = beta + (1.0 - beta) * sig
             k = (1.0 - beta) * sig_neg
@@ -69,15 +95,15 @@ def gate_log_f_and_k(x, beta, HAS_BETA: tl.constexpr, FAST_LOG: tl.constexpr = F
 
 
 @triton.jit
-def gate_jacobians(x, beta, HAS_BETA: tl.constexpr):
+def gate_jacobians(x, beta, HAS_BETA: tl.constexpr, FAST_MATH: tl.constexpr = False):
     """Returns (d log f / dx, d log f / d beta, d k / dx, d k / d beta) for logits x."""
-    sig, sig_neg, _ = _sigmoids(x)
+    sig, sig_neg, _ = _sigmoids(x, FAST_MATH)
     if HAS_BETA:
-        f = beta + (1.0 - beta) * sig
+        inv_f = fast_rcp(beta + (1.0 - beta) * sig, FAST_MATH)
         # beta > 0 keeps f >= beta > 0; at beta == 0 the ratio (1 - beta) sigma / f is exactly 1.
-        ratio = tl.where(beta > 0, (1.0 - beta) * sig / f, 1.0)
+        ratio = tl.where(beta > 0, (1.0 - beta) * sig * inv_f, 1.0)
         dlogf_dx = ratio * sig_neg
-        dlogf_dbeta = sig_neg / f
+        dlogf_dbeta = sig_neg * inv_f
         dk_dx = -(1.0 - beta) * sig * sig_neg
         dk_dbeta = -sig_neg
     else:
