@@ -60,14 +60,18 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # (docs/kernels.md).
 # The scans always take 8 warps: with 4, Triton 3.6 miscompiled the bf16 forward scan at K 64 / BV 32 on the
 # H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
-# fast_log: the SFU's lg2.approx in the gate math (utils.gate_log_f_and_k); grad_prec: _grad_options;
+# fast_math: the SFU's lg2 / ex2 / rcp (approx, ftz) in the intra kernels' gate and decay math
+# (utils.gate_log_f_and_k, fast_exp, fast_rcp; v12: -0.2 ms forward+backward at the first shape, errors
+# unchanged); grad_prec: _grad_options;
 # a_fp32: _a_split; a_prec "bf16x3" (bf16 inputs, with a_fp32): A's products in the intra forward on hi + lo
 # parts of the decayed q and k, so A carries ~16 bits instead of bf16's 8 (H200: di 2.54e-3 -> 2.42e-3, fla
 # 2.50e-3; o 1.92e-3 -> 1.76e-3; +0.08 ms of 3.66 forward+backward; docs/kernels.md, v9).
 # dv_* and inter_*: the backward's two per-chunk launches (_bwd_dv_kernel, _bwd_inter_kernel; v10).
 # intra_*0: the intra kernels' tier-0 launch; intra_* without the 0: tiers 1 and 2 (tier 2, the
-# column-at-a-time loop, uncapped); _tier_launches. whole_chunk: False turns tier 0's factorisation off (every
-# chunk then takes tier 1 or 2: slower, but a way around a compiler that mistranslates tier 0; v11).
+# column-at-a-time loop, uncapped); _tier_launches. intra_bwd_stages0 1: tier 0 of the backward unpipelined
+# (Triton's pipelining of its loop-invariant D loads took 110 KB of shared memory: 2.78 against 2.28 ms; v12).
+# whole_chunk: False turns tier 0's factorisation off (every chunk then takes tier 1 or 2: slower, but a way
+# around a compiler that mistranslates tier 0; v11).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": 168,
           "intra_fwd_maxnreg0": 128, "intra_bwd_maxnreg0": 168, "intra_fwd_block_k0": 16,
@@ -534,7 +538,9 @@ def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, 
     state, exp(total) sum_v S_prev ds_end. The rest of it, sum_t k_dec_t (i_t ds_end^T), is the chunk's sum of
     k dk over the inter-chunk dk, which the intra backward adds from the very values it subtracts in
     q^ dq^ - k dk: the two cancel exactly whatever the rounding of dk (with S_end formed here they did not,
-    and bf16 rounding left d beta 5x less accurate than fla's, which sums it the same way)."""
+    and bf16 rounding left d beta 5x less accurate than fla's, which sums it the same way).
+    (Formed in the intra backward's tier 0 instead, per 16 key columns, it spilled there: 3.04 ms against 2.10
+    at the first shape, 2.68 uncapped; docs/kernels.md, v12.)"""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
@@ -647,21 +653,22 @@ def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_pt
     for kb in range(0, K, BK):
         cols = kb + tl.arange(0, BK)
         log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_MATH)
-        if TIER == 0:  # (the log-decay gradient's reverse sums run over the halves: any split will do)
+        if TIER == 0:
             q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
             dq, dk, exp_cum, exp_to_end = _intra_bwd_whole(q, log_f, k, d_ptr, i_c, i_h, rows, H, BT, BK, GRAD_PREC,
                                                              GRAD_SPLIT, FAST_MATH)
-            _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k,
-                              dq, dk, exp_cum, exp_to_end, i_c, i_h, row_base, row_ok, cols, scale, H, K, 2, BT // 2,
-                              BK, HAS_BETA, SWISH_Q, FAST_MATH)
+            inter = _stored_inter_parts(dq_ptr, dk_ptr, dgc_ptr, i_c, i_h, row_base, row_ok, cols, H, K)
+            _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk, exp_cum, exp_to_end,
+                              inter, i_c, i_h, row_base, row_ok, cols, scale, H, K, HAS_BETA, SWISH_Q, FAST_MATH)
         else:
             if _factor_level(log_f, BT, BC, BK, False) == TIER:
                 q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
                 dq, dk, exp_cum, exp_to_end = _intra_bwd_sub_chunks(q, log_f, k, d_causal, rows, BT, BC, BK,
                                                                     GRAD_PREC, GRAD_SPLIT, TIER == 2, FAST_MATH)
-                _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q,
-                                  k, dq, dk, exp_cum, exp_to_end, i_c, i_h, row_base, row_ok, cols, scale, H, K,
-                                  BT // BC, BC, BK, HAS_BETA, SWISH_Q, FAST_MATH)
+                inter = _stored_inter_parts(dq_ptr, dk_ptr, dgc_ptr, i_c, i_h, row_base, row_ok, cols, H, K)
+                _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk, exp_cum,
+                                  exp_to_end, inter, i_c, i_h, row_base, row_ok, cols, scale, H, K, HAS_BETA, SWISH_Q,
+                                  FAST_MATH)
 
 
 @triton.jit
@@ -669,8 +676,8 @@ def _intra_bwd_whole(q, log_f, k, d_ptr, i_c, i_h, rows, H: tl.constexpr, BT: tl
                      GRAD_PREC: tl.constexpr, GRAD_SPLIT: tl.constexpr, FAST_MATH: tl.constexpr):
     """Tier 0: the intra-chunk dq^ and dk of one key block with the whole chunk factored about its middle
     (_middle_factors): dq^_t = exp(cum_t - r) sum_s D[t, s] k_s exp(r - cum_s), dk_s likewise with D^T, one
-    product each, D and D^T read from _bwd_d_kernel's buffer. Also returns exp(cum) and exp(cum_last - cum) for
-    the inter-chunk parts."""
+    product each, D and D^T read from _bwd_d_kernel's buffer (_dot_stored). Also returns exp(cum) and
+    exp(cum_last - cum) for the inter-chunk parts."""
     HALF: tl.constexpr = BT // 2
     inside, rest, total, before, after = _half_decays(log_f, BT, BK)
     exp_inside, exp_rest = fast_exp(inside, FAST_MATH), fast_exp(rest, FAST_MATH)
@@ -751,15 +758,24 @@ def _intra_bwd_sub_chunks(q, log_f, k, d_causal, rows, BT: tl.constexpr, BC: tl.
 
 
 @triton.jit
-def _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk,
-                      exp_cum, exp_to_end, i_c, i_h, row_base, row_ok, cols, scale, H: tl.constexpr,
-                      K: tl.constexpr, NC: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+def _stored_inter_parts(dq_ptr, dk_ptr, dgc_ptr, i_c, i_h, row_base, row_ok, cols, H: tl.constexpr,
+                        K: tl.constexpr):
+    """One key block's inter-chunk dq^, dk (before their decays) and chunk-end term, as _bwd_inter_kernel
+    stored them."""
+    return (_load_key_block(dq_ptr, row_base, row_ok, cols), _load_key_block(dk_ptr, row_base, row_ok, cols),
+            tl.load(dgc_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols))
+
+
+@triton.jit
+def _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk, exp_cum, exp_to_end, inter,
+                      i_c, i_h, row_base, row_ok, cols, scale, H: tl.constexpr, K: tl.constexpr,
                       HAS_BETA: tl.constexpr, SWISH_Q: tl.constexpr, FAST_MATH: tl.constexpr):
-    """Given one key block's intra-chunk dq^ and dk: the inter-chunk parts added with their decays (exp(cum),
-    exp(cum_last - cum)), dq stored, then d f_logit and the chunk's share of d beta. NC, BC: any split of the
-    chunk into sub-chunks for the reverse cumulative sum."""
-    dq += exp_cum * _load_key_block(dq_ptr, row_base, row_ok, cols)
-    dk_inter = exp_to_end * _load_key_block(dk_ptr, row_base, row_ok, cols)
+    """Given one key block's intra-chunk dq^ and dk: the inter-chunk parts (``inter``: dq^, dk before their
+    decays and the chunk-end term) added with their decays (exp(cum), exp(cum_last - cum)), dq stored, then
+    d f_logit and the chunk's share of d beta."""
+    dq_inter, dk_inter, chunk_end = inter
+    dq += exp_cum * dq_inter
+    dk_inter *= exp_to_end
     dk += dk_inter
     dq_post = dq * scale
     if SWISH_Q:
@@ -769,11 +785,8 @@ def _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_pt
     # Log-decay gradient of row t: everything later in the chunk, plus the chunk-end term sum_v S_end ds_end
     # (all later chunks, and the final state's gradient): _bwd_inter_kernel's part through the entering state
     # and sum_t k_t dk_inter_t, from the same values as the k dk below (see _bwd_inter_kernel).
-    carry = tl.load(dgc_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols) + tl.sum(k * dk_inter, axis=0)
-    z = tl.reshape(q * dq - k * dk, [NC, BC, BK])
-    z_total = tl.sum(z, 1)
-    later = tl.cumsum(z_total, 0, reverse=True) - z_total + carry[None, :]
-    grad_log_f = _flat2(tl.cumsum(z, 1, reverse=True) + later[:, None, :], NC, BC, BK)
+    carry = chunk_end + tl.sum(k * dk_inter, axis=0)
+    grad_log_f = tl.cumsum(q * dq - k * dk, 0, reverse=True) + carry[None, :]
     x = _load_key_block(x_ptr, row_base, row_ok, cols)
     beta = 0.0
     if HAS_BETA:
