@@ -44,6 +44,7 @@ def fast_rcp(x, FAST: tl.constexpr):
 
 @triton.jit
 def fast_sigmoid(x, FAST: tl.constexpr):
+    """sigma(x) from _sigmoids (exact to a few ulp for any x), on fast_exp and fast_rcp with FAST."""
     return _sigmoids(x, FAST)[0]
 
 
