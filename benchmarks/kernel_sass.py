@@ -1,6 +1,6 @@
 """Compile the heavy HGRN2 kernels for sm_90 without a GPU: registers, spills, and where the SASS comes from.
 
-    python benchmarks/kernel_sass.py [--kernels intra_fwd,fwd_scan,intra_bwd,bwd_dv,bwd_inter]
+    python benchmarks/kernel_sass.py [--kernels intra_fwd,fwd_scan,bwd_dstate,intra_bwd,bwd_dv,bwd_inter]
                                      [--config '{"intra_bwd_warps": 8}'] [--tier 0|1|2]
 
 At the benchmark's first shape (H 16, n 128, bf16 inputs, with a lower bound) and the launch settings of
@@ -49,17 +49,20 @@ def kernel_specs(tier: int) -> dict:
     cu = {"cu_ptr": "*i32", "chunks_ptr": "*i32"}
     a_dtype = "*fp32" if chunk._a_split(tl.bfloat16) else "*bf16"
     states = "*bf16" if chunk._state_dtype(torch.bfloat16) == torch.bfloat16 else "*fp32"  # as the launch stores
+    inter = "*bf16" if chunk._inter_dtype(torch.bfloat16) == torch.bfloat16 else "*fp32"
     intra_fwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "a_ptr": a_dtype, "qd_ptr": "*bf16",
                  "kd_ptr": "*bf16", "total_ptr": "*fp32", "flag_ptr": "*i32", **cu, "scale": "fp32"}
     intra_bwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "v_ptr": "*bf16", "do_ptr": "*bf16",
-                 "d_ptr": "*bf16", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", "dq_out_ptr": "*bf16",
+                 "d_ptr": "*bf16", "dq_ptr": inter, "dk_ptr": inter, "dgc_ptr": "*fp32", "dq_out_ptr": "*bf16",
                  "dx_ptr": "*bf16", "dbeta_ptr": "*fp32", "flag_ptr": "*i32", **cu, "scale": "fp32"}
     bwd_dv = {"kd_ptr": "*bf16", "a_ptr": a_dtype, "do_ptr": "*bf16", "ds_ptr": states, "dv_ptr": "*bf16", **cu}
     bwd_inter = {"v_ptr": "*bf16", "do_ptr": "*bf16", "hs_ptr": states, "ds_ptr": states, "total_ptr": "*fp32",
-                 "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dgc_ptr": "*fp32", **cu}
+                 "dq_ptr": inter, "dk_ptr": inter, "dgc_ptr": "*fp32", "d_ptr": "*bf16", **cu}
     scan = {"qd_ptr": "*bf16", "kd_ptr": "*bf16", "total_ptr": "*fp32", "v_ptr": "*bf16", "a_ptr": a_dtype,
             "o_ptr": "*bf16", "h0_ptr": "*fp32", "ht_ptr": "*fp32", "hs_ptr": states, "cu_ptr": "*i32",
             "chunk0_ptr": "*i32"}
+    dstate = {"qd_ptr": "*bf16", "do_ptr": "*bf16", "total_ptr": "*fp32", "dht_ptr": "*fp32", "dh0_ptr": "*fp32",
+              "ds_ptr": states, "cu_ptr": "*i32", "chunk0_ptr": "*i32"}
     dots = {"DOT": tl.bfloat16, "PREC": "tf32"}
     scan_launch = {"num_warps": config["scan_warps"], "num_stages": config["scan_stages"],
                    "maxnreg": config["scan_maxnreg"]}
@@ -74,18 +77,22 @@ def kernel_specs(tier: int) -> dict:
         "fwd_scan": (chunk._fwd_scan_kernel, scan,
                      {**SIZES, "BV": chunk._value_block(DIM), "HAS_H0": False, "STORE_HT": False, "STORE_HS": True,
                       **dots, "A_SPLIT": a_dtype == "*fp32"}, scan_launch),
+        "bwd_dstate": (chunk._bwd_dstate_kernel, dstate,
+                       {**SIZES, "BV": chunk._value_block(DIM), "HAS_DHT": False, "STORE_DH0": False, **dots},
+                       scan_launch),
         "intra_bwd": (chunk._intra_bwd_kernel, intra_bwd,
                       {**SIZES, "BC": SUB_CHUNK, "BK": tiers["intra_bwd"]["BK"], "HAS_BETA": True,
                        **dots, **chunk._grad_options(torch.bfloat16), **chunk._gate_options(),
-                       "TIER": tier, "SWISH_Q": True},
+                       "TIER": tier, "SWISH_Q": True, "KEY_GROUPS": config["intra_bwd_key_groups"]},
                       {"num_warps": tiers["intra_bwd"]["num_warps"], "maxnreg": tiers["intra_bwd"].get("maxnreg"),
                        "num_stages": tiers["intra_bwd"].get("num_stages")}),
         "bwd_dv": (chunk._bwd_dv_kernel, bwd_dv, {**SIZES, "BV": config["dv_block_v"], **dots,
                                                    "A_SPLIT": a_dtype == "*fp32"},
                    {"num_warps": config["dv_warps"], "maxnreg": None}),
         "bwd_inter": (chunk._bwd_inter_kernel, bwd_inter, {**SIZES, "BK": config["inter_block_k"],
-                                                           "BV": config["inter_block_v"], **dots},
-                      {"num_warps": config["inter_warps"], "num_stages": config["inter_stages"]}),
+                                                           "BV": config["inter_block_v"], **dots, "SPLIT": True},
+                      {"num_warps": config["inter_warps"], "num_stages": config["inter_stages"],
+                       "maxnreg": config["inter_maxnreg"]}),
     }
 
 
@@ -136,7 +143,7 @@ def source_text(path: str, line: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernels", default="intra_fwd,fwd_scan,intra_bwd,bwd_dv,bwd_inter")
+    parser.add_argument("--kernels", default="intra_fwd,fwd_scan,bwd_dstate,intra_bwd,bwd_dv,bwd_inter")
     parser.add_argument("--config", default="{}", help="a JSON dict merged into kernels.hgrn2.chunk.CONFIG")
     parser.add_argument("--lines", type=int, default=15, help="source lines to list per kernel")
     parser.add_argument("--tier", type=int, default=0, choices=(0, 1, 2), help="launch of the intra kernels")

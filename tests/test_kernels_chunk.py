@@ -155,14 +155,17 @@ def test_chunk_extreme_gates(shift, spread, bounded):
         assert error <= 1e-5 * scale, f"seed {seed}: |d f_logit error| {error:.1e} > 1e-5 * {scale:.1e}"
 
 
-@pytest.mark.parametrize("whole_chunk", [True, False])
-def test_chunk_tiers_mixed_in_one_chunk(whole_chunk, monkeypatch):
-    """The intra kernels run in three tiers per key block (chunk._factor_level): the whole chunk factored about
-    its middle (tier 0), 16-row sub-chunks (tier 1), the diagonal sub-chunks column by column (tier 2). Head 0
-    mixes them inside its chunks (key columns 16-31 decay ~3 a step: tier 1; columns 32-47 ~6 a step in the
-    second chunk only: tier 2 there); head 1 is tier 0 throughout (tier 1 with CONFIG["whole_chunk"] off).
-    Checks the result and the tier flags that the forward finds and the backward reuses."""
+@pytest.mark.parametrize("whole_chunk,key_groups", [(True, 1), (False, 1), (True, 2)])
+def test_chunk_tiers_mixed_in_one_chunk(whole_chunk, key_groups, monkeypatch):
+    """The intra kernels run in three tiers per key block (chunk._whole_chunk_level, chunk._subchunk_level): the
+    whole chunk factored about its middle (tier 0), 16-row sub-chunks (tier 1), the diagonal sub-chunks column
+    by column (tier 2). Head 0 mixes them inside its chunks (key columns 16-31 decay ~3 a step: tier 1; columns
+    32-47 ~6 a step in the second chunk only: tier 2 there); head 1 is tier 0 throughout (tier 1 with
+    CONFIG["whole_chunk"] off). Checks the result and the tier flags that the forward finds and the backward
+    reuses; with key_groups 2 the backward takes two programs per chunk (the tier-1 columns in the first, the
+    tier-2 ones in the second)."""
     monkeypatch.setitem(chunk.CONFIG, "whole_chunk", whole_chunk)
+    monkeypatch.setitem(chunk.CONFIG, "intra_bwd_key_groups", key_groups)
     seed, inputs = _inputs(1, 150, 2, 64, 32, False, True, 1)
     gen = torch.Generator().manual_seed(seed)
     x = inputs["f_logit"]

@@ -6,7 +6,8 @@ o_t = q^_t S_t splits per chunk into
     o = A i + (q^ * exp(cum)) S_prev,     A[t, s] = sum_k q^_tk k_sk exp(cum_tk - cum_sk)   (s <= t)
     S_next = exp(cum_last) * S_prev + (k * exp(cum_last - cum))^T i.
 Every exponent above is <= 0, so nothing overflows whatever the gates. A is formed per key block (BK key
-columns) in one of three tiers (_factor_level), chosen by how far the log-decay runs inside the chunk:
+columns) in one of three tiers (_whole_chunk_level, _subchunk_level), chosen by how far the log-decay runs
+inside the chunk:
   tier 0: each half of the chunk spans less than FACTOR_SPAN (all but extreme gates): the whole chunk factors
           about its middle r, exp(cum_t - cum_s) = exp(cum_t - r) * exp(r - cum_s), both factors <= e^60 and
           formed from sums inside one half; one product per key block;
@@ -15,8 +16,8 @@ columns) in one of three tiers (_factor_level), chosen by how far the log-decay 
           of m) * exp(decay from s to the end of j), all <= 1, a sub-chunk with itself through its own start;
   tier 2: otherwise; as tier 1, but the diagonal sub-chunks are summed one column at a time (exp of
           differences, <= 1).
-Each tier is its own launch (tier 0 for every chunk, flagging the chunks that need more; tiers 1 and 2 only
-for those), so the rare paths' registers cost the common one nothing.
+Each tier is its own launch (tier 0 for every chunk, flagging the chunks that need more; tier 1 for those,
+flagging the ones that need tier 2), so the rare paths' registers cost the common one nothing.
 The decayed q^ * exp(cum) and k * exp(cum_last - cum) that the scans multiply are written by the intra
 kernel (input dtype); the cumulative decays themselves never leave the chip.
 
@@ -66,7 +67,12 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # a_fp32: _a_split; a_prec "bf16x3" (bf16 inputs, with a_fp32): A's products in the intra forward on hi + lo
 # parts of the decayed q and k, so A carries ~16 bits instead of bf16's 8 (H200: di 2.54e-3 -> 2.42e-3, fla
 # 2.50e-3; o 1.92e-3 -> 1.76e-3; +0.08 ms of 3.66 forward+backward; docs/kernels.md, v9).
-# dv_* and inter_*: the backward's two per-chunk launches (_bwd_dv_kernel, _bwd_inter_kernel; v10).
+# dv_* and inter_*: the backward's two per-chunk launches (_bwd_dv_kernel, _bwd_inter_kernel; v10); the inter
+# launch takes all K = 128 key columns in one program of 8 warps (D formed once per chunk; v13: 1.842 -> 1.794
+# ms forward+backward at the first shape against two programs of 64 at 4 warps), capped at 128 registers
+# (two programs per SM; 160 uncapped with bf16 outputs, no spills either way). inter_dtype: _inter_dtype.
+# intra_bwd_key_groups: programs per chunk of the intra backward (_intra_bwd_kernel; v13: 2 gave 1.903 against
+# 1.936 ms with 1, 1.947 with 4: a fuller last wave).
 # intra_*0: the intra kernels' tier-0 launch; intra_* without the 0: tiers 1 and 2 (tier 2, the
 # column-at-a-time loop, uncapped); _tier_launches. intra_bwd_stages0 1: tier 0 of the backward unpipelined
 # (Triton's pipelining of its loop-invariant D loads took 110 KB of shared memory: 2.78 against 2.28 ms; v12).
@@ -76,11 +82,11 @@ CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_wa
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": 168,
           "intra_fwd_maxnreg0": 128, "intra_bwd_maxnreg0": 168, "intra_fwd_block_k0": 16,
           "intra_bwd_block_k0": 16, "intra_fwd_warps0": 4, "intra_bwd_warps0": 4, "scan_maxnreg": None,
-          "dv_warps": 4, "dv_block_v": 64, "inter_warps": 4, "inter_block_k": 64, "inter_block_v": 64,
-          "inter_stages": 2, "intra_fwd_stages": None, "intra_fwd_stages0": None,
+          "dv_warps": 4, "dv_block_v": 64, "inter_warps": 8, "inter_block_k": 128, "inter_block_v": 64,
+          "inter_maxnreg": 128, "inter_stages": 2, "intra_fwd_stages": None, "intra_fwd_stages0": None,
           "intra_bwd_stages": None, "intra_bwd_stages0": 1, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
           "fast_math": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
-          "state_dtype": "bf16", "whole_chunk": True}
+          "state_dtype": "bf16", "whole_chunk": True, "inter_dtype": "bf16", "intra_bwd_key_groups": 2}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -277,47 +283,58 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
     """One chunk: A [BT, BT], the scan's operands q^ exp(cum) and k exp(cum_last - cum), and the chunk's total
     log-decay, BK key columns at a time (the gates of each row computed once).
 
-    Launched once per tier (see _factor_level). Tier 0 runs every chunk with the whole-chunk factorisation
-    (_intra_fwd_chunk_whole) and stores in flag_ptr the chunk's tier: the highest over its key blocks. Tiers 1
-    and 2 redo only the chunks flagged with their tier, with the sub-chunk factorisation (_intra_fwd_chunk;
-    tier 2 with its column-at-a-time loop for the diagonal sub-chunks), and overwrite their outputs. Each
+    Launched once per tier (the module docstring). Tier 0 runs every chunk with the whole-chunk factorisation
+    (_intra_fwd_chunk_whole) and stores in flag_ptr 0 if every key block took it (_whole_chunk_level), else 1.
+    Tier 1 redoes the chunks flagged 1 with the sub-chunk factorisation (_intra_fwd_chunk) and raises the flag
+    to 2 if a key block needs the column-at-a-time loop for its diagonal sub-chunks (_subchunk_level); tier 2
+    redoes those (launches run in stream order). Each overwrites the outputs of the tier before. Each
     tier's registers are its own: the rare paths cost the common one nothing.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     flag_ptr += i_c * H + i_h
     if TIER == 0:
-        tier = _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr,
+        level = _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr,
                                       scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_MATH, A_PREC_SPLIT,
                                       SWISH_Q, WHOLE)
-        tl.store(flag_ptr, tier)
+        tl.store(flag_ptr, level)
     else:
         if tl.load(flag_ptr) == TIER:
-            _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale, i_c,
-                             i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_MATH, A_PREC_SPLIT, TIER == 2, SWISH_Q)
+            level = _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr,
+                                     scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_MATH, A_PREC_SPLIT,
+                                     TIER == 2, SWISH_Q)
+            if TIER == 1 and level == 2:
+                tl.store(flag_ptr, level)
 
 
 @triton.jit
-def _factor_level(log_f, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, WHOLE: tl.constexpr):
-    """The tier a key block of a chunk needs: 0 if the log-decay of each half of the chunk spans less than
-    FACTOR_SPAN in every column (the whole chunk factors about its middle; only if WHOLE), 1 if that holds for
-    every BC-row sub-chunk (the sub-chunk factorisation), 2 otherwise (extreme gates: the diagonal sub-chunks
-    one column at a time)."""
-    sub = tl.max(tl.max(-tl.sum(tl.reshape(log_f, [BT // BC, BC, BK]), 1), axis=1), axis=0) < FACTOR_SPAN
-    level = tl.where(sub, 1, 2)
+def _whole_chunk_level(halves, WHOLE: tl.constexpr):
+    """Given the [2, BK] log-decay totals of a key block's halves (_half_decays): 0 if each spans less than
+    FACTOR_SPAN in every column (the whole chunk factors about its middle; only if WHOLE), else 1 (tier 1 or 2:
+    _subchunk_level)."""
+    level = 1
     if WHOLE:
-        halves = tl.sum(tl.reshape(log_f, [2, BT // 2, BK]), 1)
-        level = tl.where(tl.max(tl.max(-halves, axis=1), axis=0) < FACTOR_SPAN, 0, level)
+        level = tl.where(tl.max(tl.max(-halves, axis=1), axis=0) < FACTOR_SPAN, 0, 1)
     return level
+
+
+@triton.jit
+def _subchunk_level(total):
+    """Given the [NC, BK] log-decay totals of a key block's sub-chunks (_subchunk_decays): 1 if each spans less
+    than FACTOR_SPAN in every column (the sub-chunk factorisation), else 2 (extreme gates: the diagonal
+    sub-chunks one column at a time)."""
+    return tl.where(tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN, 1, 2)
 
 
 @triton.jit
 def _half_decays(log_f, BT: tl.constexpr, BK: tl.constexpr):
     """_subchunk_decays for two halves of BT / 2 rows (the sums before and after each half are single terms):
-    inside, rest [2, BT / 2, BK]; total, before, after [2, BK]."""
+    inside, rest [2, BT / 2, BK]; total, before, after [2, BK]. Tier 0 only: rest is total - inside, not a
+    second (reverse) scan, as both are sums inside one half of span < FACTOR_SPAN, the difference's rounding
+    (~ulp(60), absolute) is that of the middle factors' exponents already (a scan fewer per key block)."""
     lf = tl.reshape(log_f, [2, BT // 2, BK])
     inside = tl.cumsum(lf, 1)
-    rest = tl.cumsum(lf, 1, reverse=True) - lf
     total = tl.sum(lf, 1)
+    rest = total[:, None, :] - inside
     second = (tl.arange(0, 2) == 1)[:, None]
     first_total = tl.sum(tl.where(second, 0.0, total), 0)
     second_total = tl.sum(tl.where(second, total, 0.0), 0)
@@ -346,7 +363,7 @@ def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_
                            FAST_MATH: tl.constexpr, A_PREC_SPLIT: tl.constexpr, SWISH_Q: tl.constexpr,
                            WHOLE: tl.constexpr):
     """Tier 0 of _intra_fwd_kernel: A[t, s] = (q^_t exp(cum_t - r)) . (k_s exp(r - cum_s)), one product per key
-    block (r: _middle_factors). Returns the chunk's tier (A is right only if it is 0)."""
+    block (r: _middle_factors). Returns 0 if every key block factors so (A is right only then), else 1."""
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     HALF: tl.constexpr = BT // 2
@@ -354,13 +371,13 @@ def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_
     rows = tl.arange(0, BT)
     row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
     a = tl.zeros([BT, BT], tl.float32)
-    tier = 0
+    level = 0
     for kb in range(0, K, BK):
         cols = kb + tl.arange(0, BK)
         log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_MATH)
         q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
-        tier = tl.maximum(tier, _factor_level(log_f, BT, BC, BK, WHOLE))
         inside, rest, total, before, after = _half_decays(log_f, BT, BK)
+        level = tl.maximum(level, _whole_chunk_level(total, WHOLE))
         exp_inside, exp_rest = fast_exp(inside, FAST_MATH), fast_exp(rest, FAST_MATH)
         q3, k3 = tl.reshape(q, [2, HALF, BK]), tl.reshape(k, [2, HALF, BK])
         q_dec = q3 * exp_inside * fast_exp(before, FAST_MATH)[:, None, :]
@@ -376,7 +393,7 @@ def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_
     a = tl.where(rows[:, None] >= rows[None, :], a, 0.0)
     a_ptrs, a_mask = _tile_ptrs(a_ptr, t0, eos, i_h, rows, rows, H, BT)
     tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=a_mask)
-    return tier
+    return level
 
 
 @triton.jit
@@ -385,7 +402,8 @@ def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, c
                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, FAST_MATH: tl.constexpr,
                      A_PREC_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
     """Tiers 1 and 2 of _intra_fwd_kernel: A from 16-row sub-chunks (the module docstring); DIAGONAL_LOOP (tier
-    2) sums the diagonal sub-chunks of the key blocks that do not factor one column at a time."""
+    2) sums the diagonal sub-chunks of the key blocks that do not factor one column at a time. Returns the
+    highest _subchunk_level of the key blocks (A is right without DIAGONAL_LOOP only if it is 1)."""
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     NC: tl.constexpr = BT // BC
@@ -394,6 +412,7 @@ def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, c
     blk = rows // BC
     row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
     a = tl.zeros([BT, BT], tl.float32)
+    level = 1
     for kb in range(0, K, BK):  # a loop, not unrolled: the unrolled kernel stalled on instruction fetch
         cols = kb + tl.arange(0, BK)
         log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_MATH)
@@ -406,7 +425,9 @@ def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, c
         _store_key_block(qd_ptr, _flat2(q_dec, NC, BC, BK), row_base, row_ok, cols)
         _store_key_block(kd_ptr, _flat2(k_dec, NC, BC, BK), row_base, row_ok, cols)
         tl.store(total_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, tl.sum(total, 0))
-        factored = tl.max(tl.max(-total, axis=1), axis=0) < FACTOR_SPAN
+        sub_level = _subchunk_level(total)
+        level = tl.maximum(level, sub_level)
+        factored = sub_level == 1
         end = before + total
         # one product per column sub-chunk j (one product over all of them, as the backward takes, measured
         # 0.2 ms slower here: docs/kernels.md, v7)
@@ -426,6 +447,7 @@ def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, c
     a = tl.where(rows[:, None] >= rows[None, :], a, 0.0)  # the diagonal sub-chunks' products cover s > t too
     a_ptrs, a_mask = _tile_ptrs(a_ptr, t0, eos, i_h, rows, rows, H, BT)
     tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=a_mask)
+    return level
 
 
 @triton.jit
@@ -479,7 +501,9 @@ def _bwd_dstate_kernel(qd_ptr, do_ptr, total_ptr, dht_ptr, dh0_ptr, ds_ptr, cu_p
                        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
                        STORE_DH0: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Split backward, sequential part: one (sequence, head, value block) walks the chunks in reverse and
-    stores the state gradient at the end of every chunk (ds[c]); one product per chunk, no atomics."""
+    stores the state gradient at the end of every chunk (ds[c]); one product per chunk, no atomics. (The value
+    gradient formed here as well, from the state gradient in registers, took as long as _bwd_dv_kernel: the
+    scan went from 0.08 to 0.20 ms at the first shape, one program per SM; v13.)"""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_ptr, seq)
@@ -529,9 +553,9 @@ def _bwd_dv_kernel(kd_ptr, a_ptr, do_ptr, ds_ptr, dv_ptr, cu_ptr, chunks_ptr, H:
 
 
 @triton.jit
-def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, dgc_ptr, cu_ptr, chunks_ptr,
+def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, dgc_ptr, d_ptr, cu_ptr, chunks_ptr,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
     """Parallel part of the backward, inter-chunk key gradients: one (chunk, head, key block), all of V (BV
     columns at a time), so no atomics. The inter-chunk dq^ and dk before their decays (do S_prev^T, i ds^T)
     and the part of the chunk-end log-decay gradient sum_v S_end ds_end that comes through the entering
@@ -539,6 +563,8 @@ def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, 
     k dk over the inter-chunk dk, which the intra backward adds from the very values it subtracts in
     q^ dq^ - k dk: the two cancel exactly whatever the rounding of dk (with S_end formed here they did not,
     and bf16 rounding left d beta 5x less accurate than fla's, which sums it the same way).
+    The first key block's program also stores D = do i^T for the intra backward (_store_d; it has both operands
+    loaded: 0.01 ms less at the first shape than a launch of its own, v13).
     (Formed in the intra backward's tier 0 instead, per 16 key columns, it spilled there: 3.04 ms against 2.10
     at the first shape, 2.68 uncapped; docs/kernels.md, v12.)"""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -551,6 +577,7 @@ def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, 
     ds_ptr += state_base
     dq = tl.zeros([BT, BK], tl.float32)
     dk = tl.zeros([BT, BK], tl.float32)
+    d = tl.zeros([BT, BT], tl.float32)
     boundary = tl.zeros([BK], tl.float32)
     for vb in range(0, V, BV):
         cols_v = vb + tl.arange(0, BV)
@@ -561,28 +588,21 @@ def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, 
         v = _load_tile(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
         dq = tl.dot(do, tl.trans(h_prev.to(DOT)), dq, input_precision=PREC)
         dk = tl.dot(v, tl.trans(ds.to(DOT)), dk, input_precision=PREC)
+        d = tl.dot(do, tl.trans(v), d, input_precision=PREC)
         boundary += tl.sum(h_prev * ds, axis=1)
     _store_rows(dq_ptr, dq, t0, eos, i_h, rows, cols_k, H, K)
     _store_rows(dk_ptr, dk, t0, eos, i_h, rows, cols_k, H, K)
     per_key = (i_c.to(tl.int64) * H + i_h) * K + cols_k
     tl.store(dgc_ptr + per_key, boundary * tl.exp(tl.load(total_ptr + per_key)))
+    if i_k == 0:
+        _store_d(d_ptr, d, i_c, i_h, rows, H, BT, SPLIT)
 
 
 @triton.jit
-def _bwd_d_kernel(v_ptr, do_ptr, d_ptr, cu_ptr, chunks_ptr, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                  DOT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """One (chunk, head): D = do i^T, causal, stored for the intra backward's tier 0 (as hi and lo bf16 parts
-    with SPLIT, else fp32): [chunks, H, parts, BT, BT]. The intra backward reads D^T through transposed offsets
-    (a stored copy of D^T, v11, cost 0.09 ms more at the first shape: the stores here and a second tile's loads
-    there)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
-    bos, eos = _seq_bounds(cu_ptr, seq)
-    t0 = bos + c * BT
-    rows, cols_v = tl.arange(0, BT), tl.arange(0, V)
-    do = _load_rows(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
-    v = _load_rows(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
-    d = tl.where(rows[:, None] >= rows[None, :], tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)
+def _store_d(d_ptr, d, i_c, i_h, rows, H: tl.constexpr, BT: tl.constexpr, SPLIT: tl.constexpr):
+    """D = do i^T of one chunk, causal, for the intra backward's tier 0 (as hi and lo bf16 parts with SPLIT,
+    else fp32): [chunks, H, parts, BT, BT]."""
+    d = tl.where(rows[:, None] >= rows[None, :], d, 0.0)
     PARTS: tl.constexpr = 2 if SPLIT else 1
     base = d_ptr + (i_c.to(tl.int64) * H + i_h) * (PARTS * BT * BT)
     tile = rows[:, None] * BT + rows[None, :]
@@ -600,7 +620,7 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_p
                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                       GRAD_PREC: tl.constexpr, FAST_MATH: tl.constexpr, GRAD_SPLIT: tl.constexpr,
-                      TIER: tl.constexpr, SWISH_Q: tl.constexpr):
+                      TIER: tl.constexpr, SWISH_Q: tl.constexpr, KEY_GROUPS: tl.constexpr):
     """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
     factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
     their decays; dq; then the log-decay gradient (reverse cumulative sum of q^ dq^ - k dk inside the chunk
@@ -612,36 +632,40 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_p
     every token for d beta; bf16-rounded operands made d beta 20x and tf32 ones (wgmma truncates) 3x less
     accurate than fla's, the split 1.6x more accurate, and faster than tf32 (docs/kernels.md, v7).
 
-    Launched once per tier; flag_ptr holds each chunk's tier as the forward's tier-0 launch found it (the
-    highest _factor_level over its key blocks: the same gates give the same tiers here). Tier 0 does the chunks
-    of tier 0, all key blocks, with no test of its own; tiers 1 and 2 the other chunks, each the key blocks
-    whose sub-chunk level (_factor_level without the whole-chunk test) is its own."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    Launched once per tier; flag_ptr holds each chunk's tier as the forward found it (the same gates give the
+    same tiers here). Tier 0 does the chunks of tier 0, all key blocks, with no test of its own; tiers 1 and 2
+    the other chunks, each the key blocks whose _subchunk_level is its own.
+
+    Key blocks are independent here: KEY_GROUPS programs share a chunk (neighbours in launch order, so D stays
+    in L2), each K / KEY_GROUPS key columns."""
+    i_c, i_h = tl.program_id(0) // KEY_GROUPS, tl.program_id(1)
+    k_first = (tl.program_id(0) % KEY_GROUPS) * (K // KEY_GROUPS)
     flag = tl.load(flag_ptr + i_c * H + i_h)
     if TIER == 0:
         if flag == 0:
             _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
-                             dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H, K, V, BT, BC, BK, HAS_BETA, DOT, PREC,
-                             GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q)
+                             dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H, K, V, BT, BC, BK, HAS_BETA,
+                             DOT, PREC, GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q, KEY_GROUPS)
     else:
         if flag >= TIER:
             _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
-                             dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H, K, V, BT, BC, BK, HAS_BETA, DOT, PREC,
-                             GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q)
+                             dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H, K, V, BT, BC, BK, HAS_BETA,
+                             DOT, PREC, GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q, KEY_GROUPS)
 
 
 @triton.jit
 def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
-                     dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
+                     dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H: tl.constexpr, K: tl.constexpr,
+                     V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
                      DOT: tl.constexpr, PREC: tl.constexpr, GRAD_PREC: tl.constexpr, FAST_MATH: tl.constexpr,
-                     GRAD_SPLIT: tl.constexpr, TIER: tl.constexpr, SWISH_Q: tl.constexpr):
-    """_intra_bwd_kernel's work on one chunk: every key block (tier 0) or those of sub-chunk level TIER."""
+                     GRAD_SPLIT: tl.constexpr, TIER: tl.constexpr, SWISH_Q: tl.constexpr, KEY_GROUPS: tl.constexpr):
+    """_intra_bwd_kernel's work on one chunk, key columns k_first to k_first + K / KEY_GROUPS: every key block
+    (tier 0) or those of sub-chunk level TIER."""
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     t0 = bos + c * BT
     rows = tl.arange(0, BT)
-    if TIER == 0:  # D from _bwd_d_kernel, loaded where it is multiplied
+    if TIER == 0:  # D from _bwd_inter_kernel, loaded where it is multiplied
         d_causal = 0.0
     else:
         cols_v = tl.arange(0, V)
@@ -650,7 +674,7 @@ def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_pt
         d = tl.dot(do, tl.trans(v), input_precision=PREC)  # D[t, s] = do_t . i_s, shared by the key blocks
         d_causal = tl.where(rows[:, None] >= rows[None, :], d, 0.0)
     row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
-    for kb in range(0, K, BK):
+    for kb in range(k_first, k_first + K // KEY_GROUPS, BK):
         cols = kb + tl.arange(0, BK)
         log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_MATH)
         if TIER == 0:
@@ -661,7 +685,7 @@ def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_pt
             _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk, exp_cum, exp_to_end,
                               inter, i_c, i_h, row_base, row_ok, cols, scale, H, K, HAS_BETA, SWISH_Q, FAST_MATH)
         else:
-            if _factor_level(log_f, BT, BC, BK, False) == TIER:
+            if _subchunk_level(tl.sum(tl.reshape(log_f, [BT // BC, BC, BK]), 1)) == TIER:
                 q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
                 dq, dk, exp_cum, exp_to_end = _intra_bwd_sub_chunks(q, log_f, k, d_causal, rows, BT, BC, BK,
                                                                     GRAD_PREC, GRAD_SPLIT, TIER == 2, FAST_MATH)
@@ -676,7 +700,7 @@ def _intra_bwd_whole(q, log_f, k, d_ptr, i_c, i_h, rows, H: tl.constexpr, BT: tl
                      GRAD_PREC: tl.constexpr, GRAD_SPLIT: tl.constexpr, FAST_MATH: tl.constexpr):
     """Tier 0: the intra-chunk dq^ and dk of one key block with the whole chunk factored about its middle
     (_middle_factors): dq^_t = exp(cum_t - r) sum_s D[t, s] k_s exp(r - cum_s), dk_s likewise with D^T, one
-    product each, D and D^T read from _bwd_d_kernel's buffer (_dot_stored). Also returns exp(cum) and
+    product each, D and D^T read from _bwd_inter_kernel's buffer (_dot_stored). Also returns exp(cum) and
     exp(cum_last - cum) for the inter-chunk parts."""
     HALF: tl.constexpr = BT // 2
     inside, rest, total, before, after = _half_decays(log_f, BT, BK)
@@ -695,18 +719,24 @@ def _intra_bwd_whole(q, log_f, k, d_ptr, i_c, i_h, rows, H: tl.constexpr, BT: tl
 @triton.jit
 def _dot_stored(d_ptr, i_c, i_h, TRANSPOSED: tl.constexpr, b, rows, H: tl.constexpr, BT: tl.constexpr,
                 GRAD_PREC: tl.constexpr, GRAD_SPLIT: tl.constexpr):
-    """D @ b or (TRANSPOSED) D^T @ b, D (causal) as _bwd_d_kernel stored it: loaded, not kept in registers (as
-    register operands of these narrow products, Triton 3.6 on sm_90 read shared memory out of range or gave
-    wrong products; docs/kernels.md, v11); D^T through transposed offsets."""
+    """D @ b or (TRANSPOSED) D^T @ b, D (causal) as _bwd_inter_kernel stored it: loaded, not kept in registers
+    (as register operands of these narrow products, Triton 3.6 on sm_90 read shared memory out of range or gave
+    wrong products; docs/kernels.md, v11). D^T is the loaded tile transposed (tl.trans: the product reads it
+    from shared memory in the other order); loaded through transposed offsets instead, uncoalesced, it took
+    0.04 ms more at the first shape (v13)."""
     PARTS: tl.constexpr = 2 if GRAD_SPLIT else 1
     base = d_ptr + (i_c.to(tl.int64) * H + i_h) * (PARTS * BT * BT)
-    tile = rows[None, :] * BT + rows[:, None] if TRANSPOSED else rows[:, None] * BT + rows[None, :]
+    tile = rows[:, None] * BT + rows[None, :]
     if GRAD_SPLIT:
         d_hi = tl.load(base + tile)
         d_lo = tl.load(base + BT * BT + tile)
+        if TRANSPOSED:
+            d_hi, d_lo = tl.trans(d_hi), tl.trans(d_lo)
         product = _dot_split(d_hi, d_hi, d_lo, b, GRAD_PREC, GRAD_SPLIT)
     else:
         d = tl.load(base + tile)
+        if TRANSPOSED:
+            d = tl.trans(d)
         product = _dot_split(d, d, d, b, GRAD_PREC, GRAD_SPLIT)
     return product
 
@@ -851,6 +881,16 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if CONFIG["state_dtype"] == "bf16" and dtype == torch.bfloat16 else torch.float32
 
 
+def _inter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the inter-chunk dq^ and dk that _bwd_inter_kernel stores for the intra backward:
+    CONFIG["inter_dtype"] "bf16" keeps them in bf16 for bf16 inputs (half the bytes of their round trip; the
+    products took bf16 operands already). H200, same run: 1.833 -> 1.771 ms forward+backward at the first shape
+    with d beta 1.86e-3 -> 1.91e-3 and d f_logit 2.38e-3 -> 2.39e-3 (fla 4.1e-3 / 4.1e-3; docs/kernels.md, v13).
+    The sum of k dk that cancels against it in the log-decay gradient is formed in the intra backward from the
+    same stored values (_bwd_inter_kernel), so the rounding does not break that cancellation."""
+    return torch.bfloat16 if CONFIG["inter_dtype"] == "bf16" and dtype == torch.bfloat16 else torch.float32
+
+
 def _a_split(dot) -> bool:
     """CONFIG["a_fp32"], bf16 inputs: A stored in fp32 and multiplied as hi + lo bf16 parts in the forward scan
     and the di launch (fla keeps A in fp32). H200, same run: di 3.02e-3 -> 2.54e-3 (fla 2.50e-3), o
@@ -890,8 +930,8 @@ def _tier_launches(name: str, key_dim: int) -> dict:
 
 
 def _launch_tiers(kernel, grid, args, name: str, key_dim: int, **options) -> None:
-    """The three launches of an intra kernel (_factor_level): tier 0 for every chunk, flagging the chunks that
-    need more; tiers 1 and 2 for the flagged chunks only (the others exit at once)."""
+    """The three launches of an intra kernel (the module docstring): tier 0 for every chunk; tiers 1 and 2 for
+    the chunks flagged for them only (the others exit at once)."""
     for tier, launch in _tier_launches(name, key_dim).items():
         kernel[grid](*args, TIER=tier, **options, **launch)
 
@@ -951,8 +991,8 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     beta_arg = beta if has_beta else q
     block_v = _value_block(value_dim, seqs.num_seqs * heads, q.device)
     num_v = triton.cdiv(value_dim, block_v)
-    dq_inter = empty((tokens, heads, key_dim), torch.float32, q.device)
-    dk_inter = empty((tokens, heads, key_dim), torch.float32, q.device)
+    dq_inter = empty((tokens, heads, key_dim), _inter_dtype(q.dtype), q.device)
+    dk_inter = empty((tokens, heads, key_dim), _inter_dtype(q.dtype), q.device)
     dgc = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
     di = empty(i.shape, i.dtype, i.device)
     dh0 = empty(initial_state.shape, torch.float32, q.device) if initial_state is not None else None
@@ -969,26 +1009,26 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
         num_warps=CONFIG["dv_warps"],
     )
     inter_block = min(CONFIG["inter_block_k"], key_dim)
-    _bwd_inter_kernel[(seqs.num_chunks, heads, triton.cdiv(key_dim, inter_block))](
-        i, do, states, ds, totals, dq_inter, dk_inter, dgc, seqs.cu_seqlens, seqs.chunks, BK=inter_block,
-        BV=min(CONFIG["inter_block_v"], value_dim), **sizes, num_warps=CONFIG["inter_warps"],
-        num_stages=CONFIG["inter_stages"],
-    )
-    dq = empty(q.shape, q.dtype, q.device)
-    dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
-    dbeta_chunks = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
     grad_options = _grad_options(q.dtype)
     split = grad_options["GRAD_SPLIT"]
     d_buffer = empty((seqs.num_chunks, heads, 2 if split else 1, CHUNK, CHUNK),
                      torch.bfloat16 if split else torch.float32, q.device)
-    _bwd_d_kernel[(seqs.num_chunks, heads)](i, do, d_buffer, seqs.cu_seqlens, seqs.chunks, H=heads, V=value_dim,
-                                            BT=CHUNK, DOT=dot, PREC=prec, SPLIT=split)
+    _bwd_inter_kernel[(seqs.num_chunks, heads, triton.cdiv(key_dim, inter_block))](
+        i, do, states, ds, totals, dq_inter, dk_inter, dgc, d_buffer, seqs.cu_seqlens, seqs.chunks, BK=inter_block,
+        BV=min(CONFIG["inter_block_v"], value_dim), **sizes, num_warps=CONFIG["inter_warps"],
+        num_stages=CONFIG["inter_stages"], SPLIT=split, **_maxnreg("inter_maxnreg"),
+    )
+    dq = empty(q.shape, q.dtype, q.device)
+    dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
+    dbeta_chunks = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
+    widest = max(launch["BK"] for launch in _tier_launches("intra_bwd", key_dim).values())
+    key_groups = min(CONFIG["intra_bwd_key_groups"], key_dim // widest)  # each group whole key blocks of every tier
     _launch_tiers(
-        _intra_bwd_kernel, (seqs.num_chunks, heads),
+        _intra_bwd_kernel, (seqs.num_chunks * key_groups, heads),
         (q, f_logit, beta_arg, i, do, d_buffer, dq_inter, dk_inter, dgc, dq, dx, dbeta_chunks, flags, seqs.cu_seqlens,
          seqs.chunks, scale),
         "intra_bwd", key_dim, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta,
-        DOT=dot, PREC=prec, SWISH_Q=swish_q, **grad_options, **_gate_options(),
+        DOT=dot, PREC=prec, SWISH_Q=swish_q, KEY_GROUPS=key_groups, **grad_options, **_gate_options(),
     )
     dbeta = dbeta_chunks.sum(0) if has_beta else None
     return dq, dx, di, dbeta, dh0
