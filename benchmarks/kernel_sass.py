@@ -47,7 +47,8 @@ def kernel_specs(tier: int) -> dict:
     config = chunk.CONFIG
     tiers = {name: chunk._tier_launches(name, DIM)[tier] for name in ("intra_fwd", "intra_bwd")}
     cu = {"cu_ptr": "*i32", "chunks_ptr": "*i32"}
-    a_dtype = "*fp32" if chunk._a_split(tl.bfloat16) else "*bf16"
+    a_dtype = "*bf16"  # fp32 A is stored as hi + lo bf16 parts (chunk._store_a)
+    a_split = chunk._a_split(tl.bfloat16)
     states = "*bf16" if chunk._state_dtype(torch.bfloat16) == torch.bfloat16 else "*fp32"  # as the launch stores
     inter = "*bf16" if chunk._inter_dtype(torch.bfloat16) == torch.bfloat16 else "*fp32"
     intra_fwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "a_ptr": a_dtype, "qd_ptr": "*bf16",
@@ -71,12 +72,12 @@ def kernel_specs(tier: int) -> dict:
                       {"H": HEADS, "K": DIM, "BT": chunk.CHUNK, "BC": SUB_CHUNK, "BK": tiers["intra_fwd"]["BK"],
                        "HAS_BETA": True, **dots, **chunk._gate_options(),
                        "A_PREC_SPLIT": chunk._a_prec_split(tl.bfloat16), "TIER": tier, "SWISH_Q": True,
-                       "WHOLE": config["whole_chunk"]},
+                       "WHOLE": config["whole_chunk"], "A_SPLIT": a_split},
                       {"num_warps": tiers["intra_fwd"]["num_warps"], "maxnreg": tiers["intra_fwd"].get("maxnreg"),
                        "num_stages": tiers["intra_fwd"].get("num_stages")}),
         "fwd_scan": (chunk._fwd_scan_kernel, scan,
                      {**SIZES, "BV": chunk._value_block(DIM), "HAS_H0": False, "STORE_HT": False, "STORE_HS": True,
-                      **dots, "A_SPLIT": a_dtype == "*fp32"}, scan_launch),
+                      **dots, "A_SPLIT": a_split}, scan_launch),
         "bwd_dstate": (chunk._bwd_dstate_kernel, dstate,
                        {**SIZES, "BV": chunk._value_block(DIM), "HAS_DHT": False, "STORE_DH0": False, **dots},
                        scan_launch),
@@ -87,8 +88,8 @@ def kernel_specs(tier: int) -> dict:
                       {"num_warps": tiers["intra_bwd"]["num_warps"], "maxnreg": tiers["intra_bwd"].get("maxnreg"),
                        "num_stages": tiers["intra_bwd"].get("num_stages")}),
         "bwd_dv": (chunk._bwd_dv_kernel, bwd_dv, {**SIZES, "BV": config["dv_block_v"], **dots,
-                                                   "A_SPLIT": a_dtype == "*fp32"},
-                   {"num_warps": config["dv_warps"], "maxnreg": None}),
+                                                   "A_SPLIT": a_split},
+                   {"num_warps": config["dv_warps"], "maxnreg": config["dv_maxnreg"]}),
         "bwd_inter": (chunk._bwd_inter_kernel, bwd_inter, {**SIZES, "BK": config["inter_block_k"],
                                                            "BV": config["inter_block_v"], **dots, "SPLIT": True},
                       {"num_warps": config["inter_warps"], "num_stages": config["inter_stages"],

@@ -82,23 +82,16 @@ CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_wa
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": 168,
           "intra_fwd_maxnreg0": 128, "intra_bwd_maxnreg0": 168, "intra_fwd_block_k0": 16,
           "intra_bwd_block_k0": 16, "intra_fwd_warps0": 4, "intra_bwd_warps0": 4, "scan_maxnreg": None,
-          "dv_warps": 4, "dv_block_v": 64, "inter_warps": 8, "inter_block_k": 128, "inter_block_v": 64,
-          "inter_maxnreg": 128, "inter_stages": 2, "intra_fwd_stages": None, "intra_fwd_stages0": None,
-          "intra_bwd_stages": None, "intra_bwd_stages0": 1, "intra_fwd_block_k": 32, "intra_bwd_block_k": 16,
-          "fast_math": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
+          "dv_warps": 4, "dv_block_v": 64, "dv_maxnreg": None, "inter_warps": 8, "inter_block_k": 128,
+          "inter_block_v": 64, "inter_maxnreg": 128, "inter_stages": 2, "intra_fwd_stages": None,
+          "intra_fwd_stages0": None, "intra_bwd_stages": None, "intra_bwd_stages0": 1, "intra_fwd_block_k": 32,
+          "intra_bwd_block_k": 16, "fast_math": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
           "state_dtype": "bf16", "whole_chunk": True, "inter_dtype": "bf16", "intra_bwd_key_groups": 2}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Tile helpers
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
-def _tile_ptrs(ptr, t0, eos, i_h, rows, cols, H: tl.constexpr, D: tl.constexpr):
-    """Pointers and mask of rows t0 + rows (masked at eos), columns cols of a [tokens, H, D] tensor."""
-    t = t0 + rows
-    return ptr + (t * H + i_h)[:, None] * D + cols[None, :], (t < eos)[:, None] & (cols < D)[None, :]
-
-
 @triton.jit
 def _load_rows(ptr, t0, eos, i_h, rows, cols, H: tl.constexpr, D: tl.constexpr):
     """Rows t0 + rows (masked at eos) and columns cols of a [tokens, H, D] tensor, as fp32."""
@@ -279,7 +272,7 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
                       scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                       BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                       FAST_MATH: tl.constexpr, A_PREC_SPLIT: tl.constexpr, TIER: tl.constexpr,
-                      SWISH_Q: tl.constexpr, WHOLE: tl.constexpr):
+                      SWISH_Q: tl.constexpr, WHOLE: tl.constexpr, A_SPLIT: tl.constexpr):
     """One chunk: A [BT, BT], the scan's operands q^ exp(cum) and k exp(cum_last - cum), and the chunk's total
     log-decay, BK key columns at a time (the gates of each row computed once).
 
@@ -295,13 +288,13 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
     if TIER == 0:
         level = _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr,
                                       scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_MATH, A_PREC_SPLIT,
-                                      SWISH_Q, WHOLE)
+                                      SWISH_Q, WHOLE, A_SPLIT)
         tl.store(flag_ptr, level)
     else:
         if tl.load(flag_ptr) == TIER:
             level = _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr,
                                      scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_MATH, A_PREC_SPLIT,
-                                     TIER == 2, SWISH_Q)
+                                     TIER == 2, SWISH_Q, A_SPLIT)
             if TIER == 1 and level == 2:
                 tl.store(flag_ptr, level)
 
@@ -361,7 +354,7 @@ def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_
                            i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                            BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                            FAST_MATH: tl.constexpr, A_PREC_SPLIT: tl.constexpr, SWISH_Q: tl.constexpr,
-                           WHOLE: tl.constexpr):
+                           WHOLE: tl.constexpr, A_SPLIT: tl.constexpr):
     """Tier 0 of _intra_fwd_kernel: A[t, s] = (q^_t exp(cum_t - r)) . (k_s exp(r - cum_s)), one product per key
     block (r: _middle_factors). Returns 0 if every key block factors so (A is right only then), else 1."""
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
@@ -390,9 +383,7 @@ def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_
         k_ref = _flat2(k3 * from_middle, 2, HALF, BK)
         a = _add_q_kt(a, q_ref, k_ref, DOT, PREC, A_PREC_SPLIT)
     # s > t (masked here) may have overflowed to inf: they never enter a sum
-    a = tl.where(rows[:, None] >= rows[None, :], a, 0.0)
-    a_ptrs, a_mask = _tile_ptrs(a_ptr, t0, eos, i_h, rows, rows, H, BT)
-    tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=a_mask)
+    _store_a(a_ptr, tl.where(rows[:, None] >= rows[None, :], a, 0.0), t0, eos, i_h, rows, H, BT, A_SPLIT)
     return level
 
 
@@ -400,7 +391,8 @@ def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_
 def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h,
                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                      HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, FAST_MATH: tl.constexpr,
-                     A_PREC_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr):
+                     A_PREC_SPLIT: tl.constexpr, DIAGONAL_LOOP: tl.constexpr, SWISH_Q: tl.constexpr,
+                     A_SPLIT: tl.constexpr):
     """Tiers 1 and 2 of _intra_fwd_kernel: A from 16-row sub-chunks (the module docstring); DIAGONAL_LOOP (tier
     2) sums the diagonal sub-chunks of the key blocks that do not factor one column at a time. Returns the
     highest _subchunk_level of the key blocks (A is right without DIAGONAL_LOOP only if it is 1)."""
@@ -445,9 +437,51 @@ def _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, c
                     a_col = tl.sum(q * _row(k, rows, s)[None, :] * decay, axis=1)
                     a += tl.where((rows == s)[None, :], a_col[:, None], 0.0)
     a = tl.where(rows[:, None] >= rows[None, :], a, 0.0)  # the diagonal sub-chunks' products cover s > t too
-    a_ptrs, a_mask = _tile_ptrs(a_ptr, t0, eos, i_h, rows, rows, H, BT)
-    tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=a_mask)
+    _store_a(a_ptr, a, t0, eos, i_h, rows, H, BT, A_SPLIT)
     return level
+
+
+@triton.jit
+def _a_rows(a_ptr, t0, eos, i_h, rows, H: tl.constexpr, BT: tl.constexpr, A_SPLIT: tl.constexpr):
+    """Pointers to a chunk's rows of A and the row mask: [tokens, H, parts, BT], with A_SPLIT the hi and lo bf16
+    parts of fp32 A side by side in each row (hi first), else A in the buffer's dtype (one part)."""
+    PARTS: tl.constexpr = 2 if A_SPLIT else 1
+    t = t0 + rows
+    return a_ptr + ((t * H + i_h) * (PARTS * BT))[:, None] + rows[None, :], (t < eos)[:, None]
+
+
+@triton.jit
+def _store_a(a_ptr, a, t0, eos, i_h, rows, H: tl.constexpr, BT: tl.constexpr, A_SPLIT: tl.constexpr):
+    """A of one chunk (zero above the diagonal), split once here rather than by each reader (the forward scan,
+    every chunk of its sequential walk, and _bwd_dv_kernel)."""
+    ptrs, mask = _a_rows(a_ptr, t0, eos, i_h, rows, H, BT, A_SPLIT)
+    if A_SPLIT:
+        a_hi, a_lo = _split_bf16(a)
+        tl.store(ptrs, a_hi, mask=mask)
+        tl.store(ptrs + BT, a_lo, mask=mask)
+    else:
+        tl.store(ptrs, a.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dot_a(a_ptr, b, t0, eos, i_h, rows, H: tl.constexpr, BT: tl.constexpr, TRANSPOSED: tl.constexpr,
+           DOT: tl.constexpr, PREC: tl.constexpr, A_SPLIT: tl.constexpr):
+    """A @ b or (TRANSPOSED) A^T @ b for one chunk, A as _store_a left it (with A_SPLIT two products, lo then
+    hi; rows past the sequence's end read as 0)."""
+    ptrs, mask = _a_rows(a_ptr, t0, eos, i_h, rows, H, BT, A_SPLIT)
+    a = tl.load(ptrs, mask=mask, other=0.0)
+    if A_SPLIT:
+        a_lo = tl.load(ptrs + BT, mask=mask, other=0.0)
+        if TRANSPOSED:
+            a, a_lo = tl.trans(a), tl.trans(a_lo)
+        product = tl.dot(a_lo, b)
+        product = tl.dot(a, b, product)
+    else:
+        a = a.to(DOT)
+        if TRANSPOSED:
+            a = tl.trans(a)
+        product = tl.dot(a, b, input_precision=PREC)
+    return product
 
 
 @triton.jit
@@ -465,7 +499,6 @@ def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_
     bos, eos = _seq_bounds(cu_ptr, seq)
     rows, cols_k, cols_v = tl.arange(0, BT), tl.arange(0, K), i_v * BV + tl.arange(0, BV)
     state_offsets = cols_k[:, None] * V + cols_v[None, :]
-    causal = rows[:, None] >= rows[None, :]
     state = tl.zeros([K, BV], tl.float32)
     if HAS_H0:
         state = tl.load(h0_ptr + i_nh.to(tl.int64) * K * V + state_offsets)
@@ -477,15 +510,8 @@ def _fwd_scan_kernel(qd_ptr, kd_ptr, total_ptr, v_ptr, a_ptr, o_ptr, h0_ptr, ht_
         q_dec = _load_tile(qd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
         k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
         v = _load_tile(v_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
-        a_mask = ((t0 + rows) < eos)[:, None] & causal
-        a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
         total = tl.load(total_ptr + ((chunk0 + c) * H + i_h) * K + cols_k)
-        if A_SPLIT:  # fp32 A as hi + lo bf16 parts: two products
-            a_hi, a_lo = _split_bf16(a)
-            o = tl.dot(a_lo, v)
-            o = tl.dot(a_hi, v, o)
-        else:
-            o = tl.dot(a.to(DOT), v, input_precision=PREC)
+        o = _dot_a(a_ptr, v, t0, eos, i_h, rows, H, BT, False, DOT, PREC, A_SPLIT)
         o += tl.dot(q_dec, state.to(DOT), input_precision=PREC)
         _store_rows(o_ptr, o, t0, eos, i_h, rows, cols_v, H, V)
         state = state * tl.exp(total)[:, None] + tl.dot(tl.trans(k_dec), v, input_precision=PREC)
@@ -537,15 +563,8 @@ def _bwd_dv_kernel(kd_ptr, a_ptr, do_ptr, ds_ptr, dv_ptr, cu_ptr, chunks_ptr, H:
     bos, eos = _seq_bounds(cu_ptr, seq)
     t0 = bos + c * BT
     rows, cols_k, cols_v = tl.arange(0, BT), tl.arange(0, K), i_v * BV + tl.arange(0, BV)
-    a_mask = ((t0 + rows) < eos)[:, None] & (rows[:, None] >= rows[None, :])
-    a = tl.load(a_ptr + ((t0 + rows) * H + i_h)[:, None] * BT + rows[None, :], mask=a_mask, other=0.0)
     do = _load_tile(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
-    if A_SPLIT:  # fp32 A as hi + lo bf16 parts: two products
-        a_hi, a_lo = _split_bf16(a)
-        dv = tl.dot(tl.trans(a_lo), do)
-        dv = tl.dot(tl.trans(a_hi), do, dv)
-    else:
-        dv = tl.dot(tl.trans(a.to(DOT)), do, input_precision=PREC)
+    dv = _dot_a(a_ptr, do, t0, eos, i_h, rows, H, BT, True, DOT, PREC, A_SPLIT)
     k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
     ds = tl.load(ds_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + cols_k[:, None] * V + cols_v[None, :])
     dv = tl.dot(k_dec, ds.to(DOT), dv, input_precision=PREC)
@@ -892,8 +911,9 @@ def _inter_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _a_split(dot) -> bool:
-    """CONFIG["a_fp32"], bf16 inputs: A stored in fp32 and multiplied as hi + lo bf16 parts in the forward scan
-    and the di launch (fla keeps A in fp32). H200, same run: di 3.02e-3 -> 2.54e-3 (fla 2.50e-3), o
+    """CONFIG["a_fp32"], bf16 inputs: A formed in fp32 and multiplied as hi + lo bf16 parts in the forward scan
+    and the di launch (fla keeps A in fp32); the intra forward stores the two parts (_store_a; v13, before: fp32
+    A split by each reader). H200, same run: di 3.02e-3 -> 2.54e-3 (fla 2.50e-3), o
     2.52e-3 -> 1.92e-3 (fla 2.48e-3), for +0.12 ms of 3.52 forward+backward (docs/kernels.md, v8)."""
     return CONFIG["a_fp32"] and dot == tl.bfloat16
 
@@ -955,7 +975,8 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     dot, prec = _dot_config(q.dtype)
     has_beta = beta is not None
     beta_arg = beta if has_beta else q
-    a = empty((tokens, heads, CHUNK), torch.float32 if _a_split(dot) else q.dtype, q.device)
+    a = empty((tokens, heads, 2 if _a_split(dot) else 1, CHUNK), torch.bfloat16 if _a_split(dot) else q.dtype,
+              q.device)
     q_dec = empty(q.shape, q.dtype, q.device)
     k_dec = empty(q.shape, q.dtype, q.device)
     totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
@@ -964,7 +985,8 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
         _intra_fwd_kernel, (seqs.num_chunks, heads),
         (q, f_logit, beta_arg, a, q_dec, k_dec, totals, flags, seqs.cu_seqlens, seqs.chunks, scale),
         "intra_fwd", key_dim, H=heads, K=key_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot, PREC=prec,
-        A_PREC_SPLIT=_a_prec_split(dot), SWISH_Q=swish_q, WHOLE=CONFIG["whole_chunk"], **_gate_options(),
+        A_PREC_SPLIT=_a_prec_split(dot), SWISH_Q=swish_q, WHOLE=CONFIG["whole_chunk"], A_SPLIT=_a_split(dot),
+        **_gate_options(),
     )
     o = empty(i.shape, i.dtype, i.device)
     final = empty((seqs.num_seqs, heads, key_dim, value_dim), torch.float32, q.device) if output_final_state else None
@@ -1006,7 +1028,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     dv_block = min(CONFIG["dv_block_v"], value_dim)
     _bwd_dv_kernel[(seqs.num_chunks, heads, triton.cdiv(value_dim, dv_block))](
         k_dec, a, do, ds, di, seqs.cu_seqlens, seqs.chunks, BV=dv_block, A_SPLIT=_a_split(dot), **sizes,
-        num_warps=CONFIG["dv_warps"],
+        num_warps=CONFIG["dv_warps"], **_maxnreg("dv_maxnreg"),
     )
     inter_block = min(CONFIG["inter_block_k"], key_dim)
     grad_options = _grad_options(q.dtype)
