@@ -155,7 +155,7 @@ def test_chunk_extreme_gates(shift, spread, bounded):
         assert error <= 1e-5 * scale, f"seed {seed}: |d f_logit error| {error:.1e} > 1e-5 * {scale:.1e}"
 
 
-@pytest.mark.parametrize("whole_chunk,key_groups", [(True, 1), (False, 1), (True, 2)])
+@pytest.mark.parametrize("whole_chunk,key_groups", [(True, 2), (False, 2), (True, 1)])
 def test_chunk_tiers_mixed_in_one_chunk(whole_chunk, key_groups, monkeypatch):
     """The intra kernels run in three tiers per key block (chunk._whole_chunk_level, chunk._subchunk_level): the
     whole chunk factored about its middle (tier 0), 16-row sub-chunks (tier 1), the diagonal sub-chunks column
