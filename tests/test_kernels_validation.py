@@ -74,3 +74,14 @@ def test_decode_rejects_bad_input():
         decode.decode_hgrn2(torch.randn(2, 2, 8), torch.randn(2, 2, 8), i, torch.zeros(2, 2, 8, 16))
     with pytest.raises(ValueError, match="disagree on B or H"):
         decode.decode_hgrn2(q, f, torch.randn(1, 2, 16), state)
+
+
+def test_chunk_rejects_key_groups_that_split_a_key_block(monkeypatch):
+    """The intra backward's programs per chunk must each get whole key blocks; a setting that cannot is refused
+    when the backward starts, before it launches anything."""
+    q, f, i = _chunk_args(key_dim=64, value_dim=16)
+    monkeypatch.setitem(chunk.CONFIG, "intra_bwd_key_groups", 3)
+    leaves = [x.requires_grad_() for x in (q, f, i)]
+    o, _ = chunk.chunk_hgrn2(*leaves)
+    with pytest.raises(ValueError, match=r"intra_bwd_key_groups'\] = 3 does not split 64 key columns"):
+        o.sum().backward()

@@ -949,6 +949,17 @@ def _tier_launches(name: str, key_dim: int) -> dict:
     return {0: settings("0", True), 1: settings("", True), 2: settings("", False)}
 
 
+def _key_groups(key_dim: int) -> int:
+    """Programs per chunk of the intra backward (CONFIG["intra_bwd_key_groups"], at most one per key block of
+    the widest tier): each must get whole key blocks of every tier."""
+    widest = max(launch["BK"] for launch in _tier_launches("intra_bwd", key_dim).values())
+    groups = min(CONFIG["intra_bwd_key_groups"], key_dim // widest)
+    if groups < 1 or key_dim % (groups * widest):
+        raise ValueError(f"CONFIG['intra_bwd_key_groups'] = {CONFIG['intra_bwd_key_groups']} does not split "
+                         f"{key_dim} key columns into whole blocks of {widest}")
+    return groups
+
+
 def _launch_tiers(kernel, grid, args, name: str, key_dim: int, **options) -> None:
     """The three launches of an intra kernel (the module docstring): tier 0 for every chunk; tiers 1 and 2 for
     the chunks flagged for them only (the others exit at once)."""
@@ -1007,6 +1018,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
 def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: Sequences, swish_q):
     a, q_dec, k_dec, totals, states, flags = saved
     tokens, heads, key_dim = _flat(q).shape
+    key_groups = _key_groups(key_dim)  # before any launch: a bad setting leaves no half-written gradients
     value_dim = i.shape[-1]
     dot, prec = _dot_config(q.dtype)
     has_beta = beta is not None
@@ -1043,8 +1055,6 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
     dbeta_chunks = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
-    widest = max(launch["BK"] for launch in _tier_launches("intra_bwd", key_dim).values())
-    key_groups = min(CONFIG["intra_bwd_key_groups"], key_dim // widest)  # each group whole key blocks of every tier
     _launch_tiers(
         _intra_bwd_kernel, (seqs.num_chunks * key_groups, heads),
         (q, f_logit, beta_arg, i, do, d_buffer, dq_inter, dk_inter, dgc, dq, dx, dbeta_chunks, flags, seqs.cu_seqlens,
