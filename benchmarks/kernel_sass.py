@@ -89,7 +89,7 @@ def kernel_specs(tier: int) -> dict:
                        "num_stages": tiers["intra_bwd"].get("num_stages")}),
         "bwd_dv": (chunk._bwd_dv_kernel, bwd_dv, {**SIZES, "BV": config["dv_block_v"], **dots,
                                                    "A_SPLIT": a_split},
-                   {"num_warps": config["dv_warps"], "maxnreg": config["dv_maxnreg"]}),
+                   {"num_warps": config["dv_warps"], "maxnreg": None}),
         "bwd_inter": (chunk._bwd_inter_kernel, bwd_inter, {**SIZES, "BK": config["inter_block_k"],
                                                            "BV": config["inter_block_v"], **dots, "SPLIT": True},
                       {"num_warps": config["inter_warps"], "num_stages": config["inter_stages"],

@@ -82,7 +82,7 @@ CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_wa
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": 168,
           "intra_fwd_maxnreg0": 128, "intra_bwd_maxnreg0": 168, "intra_fwd_block_k0": 16,
           "intra_bwd_block_k0": 16, "intra_fwd_warps0": 4, "intra_bwd_warps0": 4, "scan_maxnreg": None,
-          "dv_warps": 4, "dv_block_v": 64, "dv_maxnreg": None, "inter_warps": 8, "inter_block_k": 128,
+          "dv_warps": 4, "dv_block_v": 64, "inter_warps": 8, "inter_block_k": 128,
           "inter_block_v": 64, "inter_maxnreg": 128, "inter_stages": 2, "intra_fwd_stages": None,
           "intra_fwd_stages0": None, "intra_bwd_stages": None, "intra_bwd_stages0": 1, "intra_fwd_block_k": 32,
           "intra_bwd_block_k": 16, "fast_math": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
@@ -1040,7 +1040,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     dv_block = min(CONFIG["dv_block_v"], value_dim)
     _bwd_dv_kernel[(seqs.num_chunks, heads, triton.cdiv(value_dim, dv_block))](
         k_dec, a, do, ds, di, seqs.cu_seqlens, seqs.chunks, BV=dv_block, A_SPLIT=_a_split(dot), **sizes,
-        num_warps=CONFIG["dv_warps"], **_maxnreg("dv_maxnreg"),
+        num_warps=CONFIG["dv_warps"],
     )
     inter_block = min(CONFIG["inter_block_k"], key_dim)
     grad_options = _grad_options(q.dtype)
