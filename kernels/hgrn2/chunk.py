@@ -172,6 +172,18 @@ def _split_bf16(x):
 
 
 @triton.jit
+def _store_parts(base, offsets, x, lo_offset, mask, SPLIT: tl.constexpr):
+    """fp32 x stored at base + offsets (base a pointer, or already the tile's pointers with offsets 0) as its hi
+    and lo bf16 parts (_split_bf16; lo lo_offset elements further) with SPLIT, else in the buffer's dtype."""
+    if SPLIT:
+        hi, lo = _split_bf16(x)
+        tl.store(base + offsets, hi, mask=mask)
+        tl.store(base + lo_offset + offsets, lo, mask=mask)
+    else:
+        tl.store(base + offsets, x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _dot_split(a, a_hi, a_lo, b, GRAD_PREC: tl.constexpr, SPLIT: tl.constexpr):
     """a @ b with fp32 a and b: three bf16 products of the hi/lo parts (a's given: the caller splits it once),
     fp32 accumulation, if SPLIT; else one product at GRAD_PREC."""
@@ -455,12 +467,7 @@ def _store_a(a_ptr, a, t0, eos, i_h, rows, H: tl.constexpr, BT: tl.constexpr, A_
     """A of one chunk (zero above the diagonal), split once here rather than by each reader (the forward scan,
     every chunk of its sequential walk, and _bwd_dv_kernel)."""
     ptrs, mask = _a_rows(a_ptr, t0, eos, i_h, rows, H, BT, A_SPLIT)
-    if A_SPLIT:
-        a_hi, a_lo = _split_bf16(a)
-        tl.store(ptrs, a_hi, mask=mask)
-        tl.store(ptrs + BT, a_lo, mask=mask)
-    else:
-        tl.store(ptrs, a.to(a_ptr.dtype.element_ty), mask=mask)
+    _store_parts(ptrs, 0, a, BT, mask, A_SPLIT)
 
 
 @triton.jit
@@ -621,16 +628,10 @@ def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, 
 def _store_d(d_ptr, d, i_c, i_h, rows, H: tl.constexpr, BT: tl.constexpr, SPLIT: tl.constexpr):
     """D = do i^T of one chunk, causal, for the intra backward's tier 0 (as hi and lo bf16 parts with SPLIT,
     else fp32): [chunks, H, parts, BT, BT]."""
-    d = tl.where(rows[:, None] >= rows[None, :], d, 0.0)
     PARTS: tl.constexpr = 2 if SPLIT else 1
     base = d_ptr + (i_c.to(tl.int64) * H + i_h) * (PARTS * BT * BT)
-    tile = rows[:, None] * BT + rows[None, :]
-    if SPLIT:
-        d_hi, d_lo = _split_bf16(d)
-        tl.store(base + tile, d_hi)
-        tl.store(base + BT * BT + tile, d_lo)
-    else:
-        tl.store(base + tile, d)
+    _store_parts(base, rows[:, None] * BT + rows[None, :], tl.where(rows[:, None] >= rows[None, :], d, 0.0),
+                 BT * BT, None, SPLIT)
 
 
 @triton.jit
