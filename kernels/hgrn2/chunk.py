@@ -24,10 +24,10 @@ kernel (input dtype); the cumulative decays themselves never leave the chip.
 Launches, forward:  intra (gates, A, decayed q/k; parallel over chunks; three tiers) -> scan (sequential over
                     chunks, state in registers).
 Launches, backward: state-gradient scan (reverse, sequential over chunks: the state gradient at every chunk
-                    end) -> di (parallel over chunks and value blocks) -> inter-chunk dq, dk and the
-                    chunk-boundary log-decay gradient (parallel over chunks and key blocks) -> D = do i^T per
-                    chunk, stored for tier 0 -> intra (parallel over chunks: the intra-chunk parts of dq, dk; dq;
-                    the log-decay gradient; d f_logit, d beta; three tiers).
+                    end) -> di (parallel over chunks and value blocks) -> inter-chunk dq, dk, the
+                    chunk-boundary log-decay gradient and D = do i^T for tier 0 (parallel over chunks) -> intra
+                    (parallel over chunks and key groups: the intra-chunk parts of dq, dk; dq; the log-decay
+                    gradient; d f_logit, d beta; three tiers).
 """
 
 from __future__ import annotations
