@@ -52,9 +52,11 @@ def kernel_specs(tier: int) -> dict:
     states = "*bf16" if chunk._state_dtype(torch.bfloat16) == torch.bfloat16 else "*fp32"  # as the launch stores
     inter = "*bf16" if chunk._inter_dtype(torch.bfloat16) == torch.bfloat16 else "*fp32"
     intra_fwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "a_ptr": a_dtype, "qd_ptr": "*bf16",
-                 "kd_ptr": "*bf16", "total_ptr": "*fp32", "flag_ptr": "*i32", **cu, "scale": "fp32"}
+                 "kd_ptr": "*bf16", "total_ptr": "*fp32", "half_ptr": "*fp32", "flag_ptr": "*i32", **cu,
+                 "scale": "fp32"}
     intra_bwd = {"q_ptr": "*bf16", "x_ptr": "*bf16", "beta_ptr": "*fp32", "v_ptr": "*bf16", "do_ptr": "*bf16",
-                 "d_ptr": "*bf16", "dq_ptr": inter, "dk_ptr": inter, "dgc_ptr": "*fp32", "dq_out_ptr": "*bf16",
+                 "d_ptr": "*bf16", "dq_ptr": inter, "dk_ptr": inter, "dgc_ptr": "*fp32", "half_ptr": "*fp32",
+                 "total_ptr": "*fp32", "dq_out_ptr": "*bf16",
                  "dx_ptr": "*bf16", "dbeta_ptr": "*fp32", "flag_ptr": "*i32", **cu, "scale": "fp32"}
     bwd_dv = {"kd_ptr": "*bf16", "a_ptr": a_dtype, "do_ptr": "*bf16", "ds_ptr": states, "dv_ptr": "*bf16", **cu}
     bwd_inter = {"v_ptr": "*bf16", "do_ptr": "*bf16", "hs_ptr": states, "ds_ptr": states, "total_ptr": "*fp32",
@@ -72,7 +74,7 @@ def kernel_specs(tier: int) -> dict:
                       {"H": HEADS, "K": DIM, "BT": chunk.CHUNK, "BC": SUB_CHUNK, "BK": tiers["intra_fwd"]["BK"],
                        "HAS_BETA": True, **dots, **chunk._gate_options(),
                        "A_PREC_SPLIT": chunk._a_prec_split(tl.bfloat16), "TIER": tier, "SWISH_Q": True,
-                       "WHOLE": config["whole_chunk"], "A_SPLIT": a_split},
+                       "WHOLE": config["whole_chunk"], "A_SPLIT": a_split, "STORE_HALVES": True},
                       {"num_warps": tiers["intra_fwd"]["num_warps"], "maxnreg": tiers["intra_fwd"].get("maxnreg"),
                        "num_stages": tiers["intra_fwd"].get("num_stages")}),
         "fwd_scan": (chunk._fwd_scan_kernel, scan,

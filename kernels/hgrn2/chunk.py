@@ -280,11 +280,11 @@ def _sum_column_blocks(x, BT: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr):
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, flag_ptr, cu_ptr, chunks_ptr,
+def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, half_ptr, flag_ptr, cu_ptr, chunks_ptr,
                       scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                       BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                       FAST_MATH: tl.constexpr, A_PREC_SPLIT: tl.constexpr, TIER: tl.constexpr,
-                      SWISH_Q: tl.constexpr, WHOLE: tl.constexpr, A_SPLIT: tl.constexpr):
+                      SWISH_Q: tl.constexpr, WHOLE: tl.constexpr, A_SPLIT: tl.constexpr, STORE_HALVES: tl.constexpr):
     """One chunk: A [BT, BT], the scan's operands q^ exp(cum) and k exp(cum_last - cum), and the chunk's total
     log-decay, BK key columns at a time (the gates of each row computed once).
 
@@ -298,9 +298,9 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     flag_ptr += i_c * H + i_h
     if TIER == 0:
-        level = _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr,
-                                      scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_MATH, A_PREC_SPLIT,
-                                      SWISH_Q, WHOLE, A_SPLIT)
+        level = _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, half_ptr, cu_ptr,
+                                      chunks_ptr, scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_MATH,
+                                      A_PREC_SPLIT, SWISH_Q, WHOLE, A_SPLIT, STORE_HALVES)
         tl.store(flag_ptr, level)
     else:
         if tl.load(flag_ptr) == TIER:
@@ -312,13 +312,13 @@ def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, 
 
 
 @triton.jit
-def _whole_chunk_level(halves, WHOLE: tl.constexpr):
-    """Given the [2, BK] log-decay totals of a key block's halves (_half_decays): 0 if each spans less than
-    FACTOR_SPAN in every column (the whole chunk factors about its middle; only if WHOLE), else 1 (tier 1 or 2:
-    _subchunk_level)."""
+def _whole_chunk_level(span, WHOLE: tl.constexpr):
+    """Given the [BK] largest span (-log-decay) of either half of the chunk per key column, over all key blocks
+    (_half_decays): 0 if it is less than FACTOR_SPAN everywhere (the whole chunk factors about its middle; only
+    if WHOLE), else 1 (tier 1 or 2: _subchunk_level)."""
     level = 1
     if WHOLE:
-        level = tl.where(tl.max(tl.max(-halves, axis=1), axis=0) < FACTOR_SPAN, 0, 1)
+        level = tl.where(tl.max(span, axis=0) < FACTOR_SPAN, 0, 1)
     return level
 
 
@@ -332,71 +332,81 @@ def _subchunk_level(total):
 
 @triton.jit
 def _half_decays(log_f, BT: tl.constexpr, BK: tl.constexpr):
-    """_subchunk_decays for two halves of BT / 2 rows (the sums before and after each half are single terms):
-    inside, rest [2, BT / 2, BK]; total, before, after [2, BK]. Tier 0 only: rest is total - inside, not a
-    second (reverse) scan, as both are sums inside one half of span < FACTOR_SPAN, the difference's rounding
-    (~ulp(60), absolute) is that of the middle factors' exponents already (a scan fewer per key block)."""
+    """Tier 0's log-decays of a [BT, BK] tile of log f: the cumulative sums within each half of BT / 2 rows
+    (inside, [2, BT / 2, BK]) and the halves' totals [BK] (first, second)."""
     lf = tl.reshape(log_f, [2, BT // 2, BK])
-    inside = tl.cumsum(lf, 1)
     total = tl.sum(lf, 1)
-    rest = total[:, None, :] - inside
     second = (tl.arange(0, 2) == 1)[:, None]
-    first_total = tl.sum(tl.where(second, 0.0, total), 0)
-    second_total = tl.sum(tl.where(second, total, 0.0), 0)
-    before = tl.where(second, first_total[None, :], 0.0)
-    after = tl.where(second, 0.0, second_total[None, :])
-    return inside, rest, total, before, after
+    return tl.cumsum(lf, 1), tl.sum(tl.where(second, 0.0, total), 0), tl.sum(tl.where(second, total, 0.0), 0)
 
 
 @triton.jit
-def _middle_factors(inside, rest, exp_inside, exp_rest, FAST_MATH: tl.constexpr):
-    """On a [2, BT / 2, BK] view of a chunk's log-decays (_half_decays), with r the
-    cumulative log-decay at the end of the first half: exp(cum_t - r) and exp(r - cum_t). cum_t - r is
-    -rest_t in the first half and inside_t in the second, sums within one half (no difference of large rounded
-    numbers); both factors are at most exp(half's span) < e^FACTOR_SPAN at tier 0, and their product for
-    s <= t is exp(cum_t - cum_s) <= 1."""
-    # the bound keeps blocks of higher tiers (redone later) finite
+def _middle_decays(inside, first_total, BT: tl.constexpr, BK: tl.constexpr):
+    """cum_t - r [BT, BK], r the cumulative log-decay at the end of the first half, from _half_decays' inside and
+    first total: inside_t - r in the first half (minus the decay from t to the half's end), inside_t in the
+    second. Sums within one half: at tier 0 (span < FACTOR_SPAN) the difference's rounding is ~ulp(60),
+    absolute, and no difference of large rounded numbers is formed."""
     second = (tl.arange(0, 2) == 1)[:, None, None]
-    return (tl.where(second, exp_inside, fast_exp(tl.minimum(-rest, FACTOR_SPAN), FAST_MATH)),
-            tl.where(second, fast_exp(tl.minimum(-inside, FACTOR_SPAN), FAST_MATH), exp_rest))
+    return _flat2(inside - tl.where(second, 0.0, first_total[None, None, :]), 2, BT // 2, BK)
 
 
 @triton.jit
-def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr, scale, i_c,
-                           i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                           BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                           FAST_MATH: tl.constexpr, A_PREC_SPLIT: tl.constexpr, SWISH_Q: tl.constexpr,
-                           WHOLE: tl.constexpr, A_SPLIT: tl.constexpr):
+def _middle_factors(middle, FAST_MATH: tl.constexpr):
+    """exp(cum_t - r) and exp(r - cum_t), given middle = cum_t - r (r: the cumulative log-decay at the end of the
+    first half; _intra_fwd_chunk_whole). Both are at most exp(half's span) < e^FACTOR_SPAN at tier 0, and their
+    product for s <= t is exp(cum_t - cum_s) <= 1."""
+    # the bound keeps blocks of higher tiers (redone later) finite
+    return (fast_exp(tl.minimum(middle, FACTOR_SPAN), FAST_MATH),
+            fast_exp(tl.minimum(-middle, FACTOR_SPAN), FAST_MATH))
+
+
+@triton.jit
+def _chunk_factors(to_middle, from_middle, first_total, second_total, FAST_MATH: tl.constexpr):
+    """exp(cum_t) and exp(cum_last - cum_t) (the scans' decays, <= 1) from the middle factors (_middle_factors)
+    and the halves' totals [BK]: exp(cum_t - r) exp(r), exp(r - cum_t) exp(cum_last - r); two exponentials per
+    column instead of two per element. At tier 0 every factor lies within e^(+-FACTOR_SPAN): no overflow, and
+    each product carries the rounding of its exponents, ~ulp(FACTOR_SPAN) absolute."""
+    return (to_middle * fast_exp(first_total, FAST_MATH)[None, :],
+            from_middle * fast_exp(second_total, FAST_MATH)[None, :])
+
+
+@triton.jit
+def _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, half_ptr, cu_ptr, chunks_ptr,
+                           scale, i_c, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                           BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr,
+                           PREC: tl.constexpr, FAST_MATH: tl.constexpr, A_PREC_SPLIT: tl.constexpr,
+                           SWISH_Q: tl.constexpr, WHOLE: tl.constexpr, A_SPLIT: tl.constexpr,
+                           STORE_HALVES: tl.constexpr):
     """Tier 0 of _intra_fwd_kernel: A[t, s] = (q^_t exp(cum_t - r)) . (k_s exp(r - cum_s)), one product per key
-    block (r: _middle_factors). Returns 0 if every key block factors so (A is right only then), else 1."""
+    block, r the cumulative log-decay at the end of the first half (_middle_decays). With STORE_HALVES
+    (gradients needed) r is stored for the backward's tier 0, which then needs no reduction for the decays
+    (_intra_bwd_whole). Returns 0 if every key block factors so (A is right only then), else 1."""
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
-    HALF: tl.constexpr = BT // 2
     t0 = bos + c * BT
     rows = tl.arange(0, BT)
     row_base, row_ok = _key_rows(t0, eos, i_h, rows, H, K)
     a = tl.zeros([BT, BT], tl.float32)
-    level = 0
+    span = tl.zeros([BK], tl.float32)
     for kb in range(0, K, BK):
         cols = kb + tl.arange(0, BK)
+        chunk_key = (i_c.to(tl.int64) * H + i_h) * K + cols
         log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_MATH)
         q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
-        inside, rest, total, before, after = _half_decays(log_f, BT, BK)
-        level = tl.maximum(level, _whole_chunk_level(total, WHOLE))
-        exp_inside, exp_rest = fast_exp(inside, FAST_MATH), fast_exp(rest, FAST_MATH)
-        q3, k3 = tl.reshape(q, [2, HALF, BK]), tl.reshape(k, [2, HALF, BK])
-        q_dec = q3 * exp_inside * fast_exp(before, FAST_MATH)[:, None, :]
-        k_dec = k3 * exp_rest * fast_exp(after, FAST_MATH)[:, None, :]
-        _store_key_block(qd_ptr, _flat2(q_dec, 2, HALF, BK), row_base, row_ok, cols)
-        _store_key_block(kd_ptr, _flat2(k_dec, 2, HALF, BK), row_base, row_ok, cols)
-        tl.store(total_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, tl.sum(total, 0))
-        to_middle, from_middle = _middle_factors(inside, rest, exp_inside, exp_rest, FAST_MATH)
-        q_ref = _flat2(q3 * to_middle, 2, HALF, BK)
-        k_ref = _flat2(k3 * from_middle, 2, HALF, BK)
-        a = _add_q_kt(a, q_ref, k_ref, DOT, PREC, A_PREC_SPLIT)
+        inside, first_total, second_total = _half_decays(log_f, BT, BK)
+        span = tl.maximum(span, -tl.minimum(first_total, second_total))
+        middle = _middle_decays(inside, first_total, BT, BK)
+        to_middle, from_middle = _middle_factors(middle, FAST_MATH)
+        exp_cum, exp_to_end = _chunk_factors(to_middle, from_middle, first_total, second_total, FAST_MATH)
+        _store_key_block(qd_ptr, q * exp_cum, row_base, row_ok, cols)
+        _store_key_block(kd_ptr, k * exp_to_end, row_base, row_ok, cols)
+        tl.store(total_ptr + chunk_key, first_total + second_total)
+        if STORE_HALVES:
+            tl.store(half_ptr + chunk_key, first_total)
+        a = _add_q_kt(a, q * to_middle, k * from_middle, DOT, PREC, A_PREC_SPLIT)
     # s > t (masked here) may have overflowed to inf: they never enter a sum
     _store_a(a_ptr, tl.where(rows[:, None] >= rows[None, :], a, 0.0), t0, eos, i_h, rows, H, BT, A_SPLIT)
-    return level
+    return _whole_chunk_level(span, WHOLE)
 
 
 @triton.jit
@@ -635,9 +645,9 @@ def _store_d(d_ptr, d, i_c, i_h, rows, H: tl.constexpr, BT: tl.constexpr, SPLIT:
 
 
 @triton.jit
-def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr,
-                      dx_ptr, dbeta_ptr, flag_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr, K: tl.constexpr,
-                      V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr, total_ptr,
+                      dq_out_ptr, dx_ptr, dbeta_ptr, flag_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr,
+                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                       GRAD_PREC: tl.constexpr, FAST_MATH: tl.constexpr, GRAD_SPLIT: tl.constexpr,
                       TIER: tl.constexpr, SWISH_Q: tl.constexpr, KEY_GROUPS: tl.constexpr):
@@ -663,20 +673,23 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_p
     flag = tl.load(flag_ptr + i_c * H + i_h)
     if TIER == 0:
         if flag == 0:
-            _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
-                             dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H, K, V, BT, BC, BK, HAS_BETA,
-                             DOT, PREC, GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q, KEY_GROUPS)
+            _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr,
+                             total_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H,
+                             K, V, BT, BC, BK, HAS_BETA, DOT, PREC, GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q,
+                             KEY_GROUPS)
     else:
         if flag >= TIER:
-            _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
-                             dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H, K, V, BT, BC, BK, HAS_BETA,
-                             DOT, PREC, GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q, KEY_GROUPS)
+            _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr,
+                             total_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H,
+                             K, V, BT, BC, BK, HAS_BETA, DOT, PREC, GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q,
+                             KEY_GROUPS)
 
 
 @triton.jit
-def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, dq_out_ptr, dx_ptr,
-                     dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H: tl.constexpr, K: tl.constexpr,
-                     V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr,
+def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr, total_ptr,
+                     dq_out_ptr, dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     BK: tl.constexpr, HAS_BETA: tl.constexpr,
                      DOT: tl.constexpr, PREC: tl.constexpr, GRAD_PREC: tl.constexpr, FAST_MATH: tl.constexpr,
                      GRAD_SPLIT: tl.constexpr, TIER: tl.constexpr, SWISH_Q: tl.constexpr, KEY_GROUPS: tl.constexpr):
     """_intra_bwd_kernel's work on one chunk, key columns k_first to k_first + K / KEY_GROUPS: every key block
@@ -699,8 +712,8 @@ def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_pt
         log_f, k = _load_gates(x_ptr, beta_ptr, row_base, row_ok, i_h, cols, K, HAS_BETA, FAST_MATH)
         if TIER == 0:
             q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
-            dq, dk, exp_cum, exp_to_end = _intra_bwd_whole(q, log_f, k, d_ptr, i_c, i_h, rows, H, BT, BK, GRAD_PREC,
-                                                             GRAD_SPLIT, FAST_MATH)
+            dq, dk, exp_cum, exp_to_end = _intra_bwd_whole(q, log_f, k, d_ptr, half_ptr, total_ptr, i_c, i_h, cols,
+                                                             rows, H, K, BT, BK, GRAD_PREC, GRAD_SPLIT, FAST_MATH)
             inter = _stored_inter_parts(dq_ptr, dk_ptr, dgc_ptr, i_c, i_h, row_base, row_ok, cols, H, K)
             _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk, exp_cum, exp_to_end,
                               inter, i_c, i_h, row_base, row_ok, cols, scale, H, K, HAS_BETA, SWISH_Q, FAST_MATH)
@@ -716,23 +729,23 @@ def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_pt
 
 
 @triton.jit
-def _intra_bwd_whole(q, log_f, k, d_ptr, i_c, i_h, rows, H: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     GRAD_PREC: tl.constexpr, GRAD_SPLIT: tl.constexpr, FAST_MATH: tl.constexpr):
-    """Tier 0: the intra-chunk dq^ and dk of one key block with the whole chunk factored about its middle
-    (_middle_factors): dq^_t = exp(cum_t - r) sum_s D[t, s] k_s exp(r - cum_s), dk_s likewise with D^T, one
-    product each, D and D^T read from _bwd_inter_kernel's buffer (_dot_stored). Also returns exp(cum) and
-    exp(cum_last - cum) for the inter-chunk parts."""
-    HALF: tl.constexpr = BT // 2
-    inside, rest, total, before, after = _half_decays(log_f, BT, BK)
-    exp_inside, exp_rest = fast_exp(inside, FAST_MATH), fast_exp(rest, FAST_MATH)
-    to_middle, from_middle = _middle_factors(inside, rest, exp_inside, exp_rest, FAST_MATH)
-    q_ref = _flat2(tl.reshape(q, [2, HALF, BK]) * to_middle, 2, HALF, BK)
-    k_ref = _flat2(tl.reshape(k, [2, HALF, BK]) * from_middle, 2, HALF, BK)
-    dq = _flat2(to_middle, 2, HALF, BK) * _dot_stored(d_ptr, i_c, i_h, False, k_ref, rows, H, BT, GRAD_PREC, GRAD_SPLIT)
-    dk = _flat2(from_middle, 2, HALF, BK) * _dot_stored(d_ptr, i_c, i_h, True, q_ref, rows, H, BT, GRAD_PREC,
-                                                        GRAD_SPLIT)
-    exp_cum = _flat2(exp_inside * fast_exp(before, FAST_MATH)[:, None, :], 2, HALF, BK)
-    exp_to_end = _flat2(exp_rest * fast_exp(after, FAST_MATH)[:, None, :], 2, HALF, BK)
+def _intra_bwd_whole(q, log_f, k, d_ptr, half_ptr, total_ptr, i_c, i_h, cols, rows, H: tl.constexpr, K: tl.constexpr,
+                     BT: tl.constexpr, BK: tl.constexpr, GRAD_PREC: tl.constexpr, GRAD_SPLIT: tl.constexpr,
+                     FAST_MATH: tl.constexpr):
+    """Tier 0: the intra-chunk dq^ and dk of one key block with the whole chunk factored about its middle r:
+    dq^_t = exp(cum_t - r) sum_s D[t, s] k_s exp(r - cum_s), dk_s likewise with D^T, one product each, D and D^T
+    read from _bwd_inter_kernel's buffer (_dot_stored). r and the chunk's total come from the forward's tier 0
+    (_intra_fwd_chunk_whole): one scan and no reduction here (v14; before, the halves' totals were reduced
+    again: 0.08 ms more at the first shape). Also returns exp(cum) and exp(cum_last - cum) for the inter-chunk
+    parts."""
+    chunk_key = (i_c.to(tl.int64) * H + i_h) * K + cols
+    first_total = tl.load(half_ptr + chunk_key)
+    middle = _middle_decays(tl.cumsum(tl.reshape(log_f, [2, BT // 2, BK]), 1), first_total, BT, BK)
+    to_middle, from_middle = _middle_factors(middle, FAST_MATH)
+    dq = to_middle * _dot_stored(d_ptr, i_c, i_h, False, k * from_middle, rows, H, BT, GRAD_PREC, GRAD_SPLIT)
+    dk = from_middle * _dot_stored(d_ptr, i_c, i_h, True, q * to_middle, rows, H, BT, GRAD_PREC, GRAD_SPLIT)
+    exp_cum, exp_to_end = _chunk_factors(to_middle, from_middle, first_total,
+                                         tl.load(total_ptr + chunk_key) - first_total, FAST_MATH)
     return dq, dk, exp_cum, exp_to_end
 
 
@@ -992,13 +1005,16 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     q_dec = empty(q.shape, q.dtype, q.device)
     k_dec = empty(q.shape, q.dtype, q.device)
     totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
+    # r, the cumulative log-decay at the end of each chunk's first half, for the backward's tier 0
+    halves = empty(totals.shape, torch.float32, q.device) if keep_states else None
     flags = empty((seqs.num_chunks, heads), torch.int32, q.device)
     _launch_tiers(
         _intra_fwd_kernel, (seqs.num_chunks, heads),
-        (q, f_logit, beta_arg, a, q_dec, k_dec, totals, flags, seqs.cu_seqlens, seqs.chunks, scale),
+        (q, f_logit, beta_arg, a, q_dec, k_dec, totals, halves if keep_states else totals, flags, seqs.cu_seqlens,
+         seqs.chunks, scale),
         "intra_fwd", key_dim, H=heads, K=key_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot, PREC=prec,
         A_PREC_SPLIT=_a_prec_split(dot), SWISH_Q=swish_q, WHOLE=CONFIG["whole_chunk"], A_SPLIT=_a_split(dot),
-        **_gate_options(),
+        STORE_HALVES=keep_states, **_gate_options(),
     )
     o = empty(i.shape, i.dtype, i.device)
     final = empty((seqs.num_seqs, heads, key_dim, value_dim), torch.float32, q.device) if output_final_state else None
@@ -1013,11 +1029,11 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
         A_SPLIT=_a_split(dot),
         **_scan_launch(),
     )
-    return o, final, (a, q_dec, k_dec, totals, states, flags)
+    return o, final, (a, q_dec, k_dec, totals, halves, states, flags)
 
 
 def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: Sequences, swish_q):
-    a, q_dec, k_dec, totals, states, flags = saved
+    a, q_dec, k_dec, totals, halves, states, flags = saved
     tokens, heads, key_dim = _flat(q).shape
     key_groups = _key_groups(key_dim)  # before any launch: a bad setting leaves no half-written gradients
     value_dim = i.shape[-1]
@@ -1058,8 +1074,8 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     dbeta_chunks = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
     _launch_tiers(
         _intra_bwd_kernel, (seqs.num_chunks * key_groups, heads),
-        (q, f_logit, beta_arg, i, do, d_buffer, dq_inter, dk_inter, dgc, dq, dx, dbeta_chunks, flags, seqs.cu_seqlens,
-         seqs.chunks, scale),
+        (q, f_logit, beta_arg, i, do, d_buffer, dq_inter, dk_inter, dgc, halves, totals, dq, dx, dbeta_chunks, flags,
+         seqs.cu_seqlens, seqs.chunks, scale),
         "intra_bwd", key_dim, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta,
         DOT=dot, PREC=prec, SWISH_Q=swish_q, KEY_GROUPS=key_groups, **grad_options, **_gate_options(),
     )
