@@ -85,3 +85,12 @@ def test_chunk_rejects_key_groups_that_split_a_key_block(monkeypatch):
     o, _ = chunk.chunk_hgrn2(*leaves)
     with pytest.raises(ValueError, match=r"intra_bwd_key_groups'\] = 3 does not split 64 key columns"):
         o.sum().backward()
+
+
+def test_chunk_rejects_dbeta_row_groups_that_do_not_divide_the_chunk(monkeypatch):
+    q, f, i = _chunk_args()
+    monkeypatch.setitem(chunk.CONFIG, "dbeta_row_groups", 3)
+    leaves = [x.requires_grad_() for x in (q, f, i)]
+    o, _ = chunk.chunk_hgrn2(*leaves, lower_bound=torch.rand(2, 16))
+    with pytest.raises(ValueError, match=r"dbeta_row_groups'\] = 3 is not a power of two dividing"):
+        o.sum().backward()

@@ -86,7 +86,8 @@ CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_wa
           "inter_block_v": 64, "inter_maxnreg": 128, "inter_stages": 2, "intra_fwd_stages": None,
           "intra_fwd_stages0": None, "intra_bwd_stages": None, "intra_bwd_stages0": 1, "intra_fwd_block_k": 32,
           "intra_bwd_block_k": 16, "fast_math": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
-          "state_dtype": "bf16", "whole_chunk": True, "inter_dtype": "bf16", "intra_bwd_key_groups": 2}
+          "state_dtype": "bf16", "whole_chunk": True, "inter_dtype": "bf16", "intra_bwd_key_groups": 2,
+          "dbeta_row_groups": 4}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -650,7 +651,8 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_p
                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                       GRAD_PREC: tl.constexpr, FAST_MATH: tl.constexpr, GRAD_SPLIT: tl.constexpr,
-                      TIER: tl.constexpr, SWISH_Q: tl.constexpr, KEY_GROUPS: tl.constexpr):
+                      TIER: tl.constexpr, SWISH_Q: tl.constexpr, KEY_GROUPS: tl.constexpr,
+                      ROW_GROUPS: tl.constexpr):
     """One chunk, BK key columns at a time (D = do i^T formed once): intra-chunk dq^ and dk (the forward's
     factorisation of A, with D in place of q^ k^T), plus the inter-chunk parts from the backward scan with
     their decays; dq; then the log-decay gradient (reverse cumulative sum of q^ dq^ - k dk inside the chunk
@@ -676,13 +678,13 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_p
             _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr,
                              total_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H,
                              K, V, BT, BC, BK, HAS_BETA, DOT, PREC, GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q,
-                             KEY_GROUPS)
+                             KEY_GROUPS, ROW_GROUPS)
     else:
         if flag >= TIER:
             _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr,
                              total_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H,
                              K, V, BT, BC, BK, HAS_BETA, DOT, PREC, GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q,
-                             KEY_GROUPS)
+                             KEY_GROUPS, ROW_GROUPS)
 
 
 @triton.jit
@@ -691,7 +693,8 @@ def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_pt
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                      BK: tl.constexpr, HAS_BETA: tl.constexpr,
                      DOT: tl.constexpr, PREC: tl.constexpr, GRAD_PREC: tl.constexpr, FAST_MATH: tl.constexpr,
-                     GRAD_SPLIT: tl.constexpr, TIER: tl.constexpr, SWISH_Q: tl.constexpr, KEY_GROUPS: tl.constexpr):
+                     GRAD_SPLIT: tl.constexpr, TIER: tl.constexpr, SWISH_Q: tl.constexpr, KEY_GROUPS: tl.constexpr,
+                     ROW_GROUPS: tl.constexpr):
     """_intra_bwd_kernel's work on one chunk, key columns k_first to k_first + K / KEY_GROUPS: every key block
     (tier 0) or those of sub-chunk level TIER."""
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
@@ -716,7 +719,8 @@ def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_pt
                                                              rows, H, K, BT, BK, GRAD_PREC, GRAD_SPLIT, FAST_MATH)
             inter = _stored_inter_parts(dq_ptr, dk_ptr, dgc_ptr, i_c, i_h, row_base, row_ok, cols, H, K)
             _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk, exp_cum, exp_to_end,
-                              inter, i_c, i_h, row_base, row_ok, cols, scale, H, K, HAS_BETA, SWISH_Q, FAST_MATH)
+                              inter, i_c, i_h, row_base, row_ok, cols, scale, H, K, BT, BK, HAS_BETA, SWISH_Q,
+                              FAST_MATH, ROW_GROUPS)
         else:
             if _subchunk_level(tl.sum(tl.reshape(log_f, [BT // BC, BC, BK]), 1)) == TIER:
                 q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
@@ -724,8 +728,8 @@ def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_pt
                                                                     GRAD_PREC, GRAD_SPLIT, TIER == 2, FAST_MATH)
                 inter = _stored_inter_parts(dq_ptr, dk_ptr, dgc_ptr, i_c, i_h, row_base, row_ok, cols, H, K)
                 _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk, exp_cum,
-                                  exp_to_end, inter, i_c, i_h, row_base, row_ok, cols, scale, H, K, HAS_BETA, SWISH_Q,
-                                  FAST_MATH)
+                                  exp_to_end, inter, i_c, i_h, row_base, row_ok, cols, scale, H, K, BT, BK, HAS_BETA,
+                                  SWISH_Q, FAST_MATH, ROW_GROUPS)
 
 
 @triton.jit
@@ -833,10 +837,12 @@ def _stored_inter_parts(dq_ptr, dk_ptr, dgc_ptr, i_c, i_h, row_base, row_ok, col
 @triton.jit
 def _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk, exp_cum, exp_to_end, inter,
                       i_c, i_h, row_base, row_ok, cols, scale, H: tl.constexpr, K: tl.constexpr,
-                      HAS_BETA: tl.constexpr, SWISH_Q: tl.constexpr, FAST_MATH: tl.constexpr):
+                      BT: tl.constexpr, BK: tl.constexpr, HAS_BETA: tl.constexpr, SWISH_Q: tl.constexpr,
+                      FAST_MATH: tl.constexpr, ROW_GROUPS: tl.constexpr):
     """Given one key block's intra-chunk dq^ and dk: the inter-chunk parts (``inter``: dq^, dk before their
     decays and the chunk-end term) added with their decays (exp(cum), exp(cum_last - cum)), dq stored, then
-    d f_logit and the chunk's share of d beta."""
+    d f_logit and the chunk's share of d beta, as partial sums over ROW_GROUPS groups of rows
+    (_dbeta_row_groups)."""
     dq_inter, dk_inter, chunk_end = inter
     dq += exp_cum * dq_inter
     dk_inter *= exp_to_end
@@ -858,8 +864,10 @@ def _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, 
     dlogf_dx, dlogf_dbeta, dk_dx, dk_dbeta = gate_jacobians(x, beta, HAS_BETA, FAST_MATH)
     _store_key_block(dx_ptr, grad_log_f * dlogf_dx + dk * dk_dx, row_base, row_ok, cols)
     if HAS_BETA:
-        partial = tl.sum(tl.where(row_ok[:, None], grad_log_f * dlogf_dbeta + dk * dk_dbeta, 0.0), 0)
-        tl.store(dbeta_ptr + (i_c.to(tl.int64) * H + i_h) * K + cols, partial)
+        contribution = tl.where(row_ok[:, None], grad_log_f * dlogf_dbeta + dk * dk_dbeta, 0.0)
+        partial = tl.sum(tl.reshape(contribution, [ROW_GROUPS, BT // ROW_GROUPS, BK]), 1)
+        group = (i_c.to(tl.int64) * H + i_h) * ROW_GROUPS + tl.arange(0, ROW_GROUPS)
+        tl.store(dbeta_ptr + group[:, None] * K + cols[None, :], partial)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -974,6 +982,17 @@ def _key_groups(key_dim: int) -> int:
     return groups
 
 
+def _dbeta_row_groups() -> int:
+    """Row groups per chunk of the d beta partial sums (CONFIG["dbeta_row_groups"]): the intra backward sums each
+    group of CHUNK / groups rows and torch sums the groups. 4 groups of 16 rows are the 4 warps' own rows, so the
+    kernel's sum needs no exchange between warps (v14)."""
+    groups = CONFIG["dbeta_row_groups"]
+    if groups < 1 or groups & (groups - 1) or CHUNK % groups:
+        raise ValueError(f"CONFIG['dbeta_row_groups'] = {groups} is not a power of two dividing the chunk's "
+                         f"{CHUNK} rows")
+    return groups
+
+
 def _launch_tiers(kernel, grid, args, name: str, key_dim: int, **options) -> None:
     """The three launches of an intra kernel (the module docstring): tier 0 for every chunk; tiers 1 and 2 for
     the chunks flagged for them only (the others exit at once)."""
@@ -1035,7 +1054,8 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
 def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: Sequences, swish_q):
     a, q_dec, k_dec, totals, halves, states, flags = saved
     tokens, heads, key_dim = _flat(q).shape
-    key_groups = _key_groups(key_dim)  # before any launch: a bad setting leaves no half-written gradients
+    # settings checked before any launch: a bad one leaves no half-written gradients
+    key_groups, row_groups = _key_groups(key_dim), _dbeta_row_groups()
     value_dim = i.shape[-1]
     dot, prec = _dot_config(q.dtype)
     has_beta = beta is not None
@@ -1071,15 +1091,16 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     )
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
-    dbeta_chunks = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
+    dbeta_chunks = empty((seqs.num_chunks, heads, row_groups, key_dim), torch.float32, q.device)
     _launch_tiers(
         _intra_bwd_kernel, (seqs.num_chunks * key_groups, heads),
         (q, f_logit, beta_arg, i, do, d_buffer, dq_inter, dk_inter, dgc, halves, totals, dq, dx, dbeta_chunks, flags,
          seqs.cu_seqlens, seqs.chunks, scale),
         "intra_bwd", key_dim, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta,
-        DOT=dot, PREC=prec, SWISH_Q=swish_q, KEY_GROUPS=key_groups, **grad_options, **_gate_options(),
+        DOT=dot, PREC=prec, SWISH_Q=swish_q, KEY_GROUPS=key_groups, ROW_GROUPS=row_groups, **grad_options,
+        **_gate_options(),
     )
-    dbeta = dbeta_chunks.sum(0) if has_beta else None
+    dbeta = dbeta_chunks.sum((0, 2)) if has_beta else None
     return dq, dx, di, dbeta, dh0
 
 
