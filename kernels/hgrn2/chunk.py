@@ -19,7 +19,8 @@ inside the chunk:
 Each tier is its own launch (tier 0 for every chunk, flagging the chunks that need more; tier 1 for those,
 flagging the ones that need tier 2), so the rare paths' registers cost the common one nothing.
 The decayed q^ * exp(cum) and k * exp(cum_last - cum) that the scans multiply are written by the intra
-kernel (input dtype); the cumulative decays themselves never leave the chip.
+kernel (input dtype); of the cumulative decays only per-chunk vectors leave the chip (the chunk's total, and
+its first half's for the backward's tier 0).
 
 Launches, forward:  intra (gates, A, decayed q/k; parallel over chunks; three tiers) -> scan (sequential over
                     chunks, state in registers).
@@ -72,7 +73,7 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # ms forward+backward at the first shape against two programs of 64 at 4 warps), capped at 128 registers
 # (two programs per SM; 160 uncapped with bf16 outputs, no spills either way). inter_dtype: _inter_dtype.
 # intra_bwd_key_groups: programs per chunk of the intra backward (_intra_bwd_kernel; v13: 2 gave 1.903 against
-# 1.936 ms with 1, 1.947 with 4: a fuller last wave).
+# 1.936 ms with 1, 1.947 with 4: a fuller last wave). dbeta_row_groups: _dbeta_row_groups.
 # intra_*0: the intra kernels' tier-0 launch; intra_* without the 0: tiers 1 and 2 (tier 2, the
 # column-at-a-time loop, uncapped); _tier_launches. intra_bwd_stages0 1: tier 0 of the backward unpipelined
 # (Triton's pipelining of its loop-invariant D loads took 110 KB of shared memory: 2.78 against 2.28 ms; v12).
