@@ -1,6 +1,6 @@
 """Compile the heavy HGRN2 kernels for sm_90 without a GPU: registers, spills, and where the SASS comes from.
 
-    python benchmarks/kernel_sass.py [--kernels intra_fwd,fwd_scan,bwd_dstate,intra_bwd,bwd_dv,bwd_inter]
+    python benchmarks/kernel_sass.py [--kernels intra_fwd,fwd_scan,bwd_dstate,intra_bwd,bwd_inter]
                                      [--config '{"intra_bwd_warps": 8}'] [--tier 0|1|2]
 
 At the benchmark's first shape (H 16, n 128, bf16 inputs, with a lower bound) and the launch settings of
@@ -58,9 +58,9 @@ def kernel_specs(tier: int) -> dict:
                  "d_ptr": "*bf16", "dq_ptr": inter, "dk_ptr": inter, "dgc_ptr": "*fp32", "half_ptr": "*fp32",
                  "total_ptr": "*fp32", "dq_out_ptr": "*bf16",
                  "dx_ptr": "*bf16", "dbeta_ptr": "*fp32", "flag_ptr": "*i32", **cu, "scale": "fp32"}
-    bwd_dv = {"kd_ptr": "*bf16", "a_ptr": a_dtype, "do_ptr": "*bf16", "ds_ptr": states, "dv_ptr": "*bf16", **cu}
     bwd_inter = {"v_ptr": "*bf16", "do_ptr": "*bf16", "hs_ptr": states, "ds_ptr": states, "total_ptr": "*fp32",
-                 "dq_ptr": inter, "dk_ptr": inter, "dgc_ptr": "*fp32", "d_ptr": "*bf16", **cu}
+                 "dq_ptr": inter, "dk_ptr": inter, "dgc_ptr": "*fp32", "d_ptr": "*bf16", "kd_ptr": "*bf16",
+                 "a_ptr": a_dtype, "dv_ptr": "*bf16", **cu}
     scan = {"qd_ptr": "*bf16", "kd_ptr": "*bf16", "total_ptr": "*fp32", "v_ptr": "*bf16", "a_ptr": a_dtype,
             "o_ptr": "*bf16", "h0_ptr": "*fp32", "ht_ptr": "*fp32", "hs_ptr": states, "cu_ptr": "*i32",
             "chunk0_ptr": "*i32"}
@@ -90,11 +90,8 @@ def kernel_specs(tier: int) -> dict:
                        "ROW_GROUPS": config["dbeta_row_groups"]},
                       {"num_warps": tiers["intra_bwd"]["num_warps"], "maxnreg": tiers["intra_bwd"].get("maxnreg"),
                        "num_stages": tiers["intra_bwd"].get("num_stages")}),
-        "bwd_dv": (chunk._bwd_dv_kernel, bwd_dv, {**SIZES, "BV": config["dv_block_v"], **dots,
-                                                   "A_SPLIT": a_split},
-                   {"num_warps": config["dv_warps"], "maxnreg": None}),
-        "bwd_inter": (chunk._bwd_inter_kernel, bwd_inter, {**SIZES, "BK": config["inter_block_k"],
-                                                           "BV": config["inter_block_v"], **dots, "SPLIT": True},
+        "bwd_inter": (chunk._bwd_inter_kernel, bwd_inter, {**SIZES, "BV": config["inter_block_v"], **dots,
+                                                           "SPLIT": True, "A_SPLIT": a_split},
                       {"num_warps": config["inter_warps"], "num_stages": config["inter_stages"],
                        "maxnreg": config["inter_maxnreg"]}),
     }
@@ -147,7 +144,7 @@ def source_text(path: str, line: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernels", default="intra_fwd,fwd_scan,bwd_dstate,intra_bwd,bwd_dv,bwd_inter")
+    parser.add_argument("--kernels", default="intra_fwd,fwd_scan,bwd_dstate,intra_bwd,bwd_inter")
     parser.add_argument("--config", default="{}", help="a JSON dict merged into kernels.hgrn2.chunk.CONFIG")
     parser.add_argument("--lines", type=int, default=15, help="source lines to list per kernel")
     parser.add_argument("--tier", type=int, default=0, choices=(0, 1, 2), help="launch of the intra kernels")

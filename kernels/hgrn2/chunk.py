@@ -25,8 +25,8 @@ its first half's for the backward's tier 0).
 Launches, forward:  intra (gates, A, decayed q/k; parallel over chunks; three tiers) -> scan (sequential over
                     chunks, state in registers).
 Launches, backward: state-gradient scan (reverse, sequential over chunks: the state gradient at every chunk
-                    end) -> di (parallel over chunks and value blocks) -> inter-chunk dq, dk, the
-                    chunk-boundary log-decay gradient and D = do i^T for tier 0 (parallel over chunks) -> intra
+                    end) -> inter-chunk dq, dk, the chunk-boundary log-decay gradient, D = do i^T for tier 0
+                    and di (parallel over chunks) -> intra
                     (parallel over chunks and key groups: the intra-chunk parts of dq, dk; dq; the log-decay
                     gradient; d f_logit, d beta; three tiers).
 """
@@ -68,10 +68,10 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # a_fp32: _a_split; a_prec "bf16x3" (bf16 inputs, with a_fp32): A's products in the intra forward on hi + lo
 # parts of the decayed q and k, so A carries ~16 bits instead of bf16's 8 (H200: di 2.54e-3 -> 2.42e-3, fla
 # 2.50e-3; o 1.92e-3 -> 1.76e-3; +0.08 ms of 3.66 forward+backward; docs/kernels.md, v9).
-# dv_* and inter_*: the backward's two per-chunk launches (_bwd_dv_kernel, _bwd_inter_kernel; v10); the inter
-# launch takes all K = 128 key columns in one program of 8 warps (D formed once per chunk; v13: 1.842 -> 1.794
-# ms forward+backward at the first shape against two programs of 64 at 4 warps), capped at 128 registers
-# (two programs per SM; 160 uncapped with bf16 outputs, no spills either way). inter_dtype: _inter_dtype.
+# inter_*: the backward's per-chunk launch (_bwd_inter_kernel), all key columns in one program of 8 warps (D
+# formed once per chunk; v13: 1.842 -> 1.794 ms forward+backward at the first shape against two programs of 64
+# key columns at 4 warps), capped at 128 registers (two programs per SM; 8 B spilled since it forms di too,
+# v15: 168 registers, or one pipelining stage, 1.67 against 1.56 ms). inter_dtype: _inter_dtype.
 # intra_bwd_key_groups: programs per chunk of the intra backward (_intra_bwd_kernel; v13: 2 gave 1.903 against
 # 1.936 ms with 1, 1.947 with 4: a fuller last wave). dbeta_row_groups: _dbeta_row_groups.
 # intra_*0: the intra kernels' tier-0 launch; intra_* without the 0: tiers 1 and 2 (tier 2, the
@@ -83,8 +83,7 @@ CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_wa
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": 168,
           "intra_fwd_maxnreg0": 128, "intra_bwd_maxnreg0": 168, "intra_fwd_block_k0": 16,
           "intra_bwd_block_k0": 16, "intra_fwd_warps0": 4, "intra_bwd_warps0": 4, "scan_maxnreg": None,
-          "dv_warps": 4, "dv_block_v": 64, "inter_warps": 8, "inter_block_k": 128,
-          "inter_block_v": 64, "inter_maxnreg": 128, "inter_stages": 2, "intra_fwd_stages": None,
+          "inter_warps": 8, "inter_block_v": 64, "inter_maxnreg": 128, "inter_stages": 2, "intra_fwd_stages": None,
           "intra_fwd_stages0": None, "intra_bwd_stages": None, "intra_bwd_stages0": 1, "intra_fwd_block_k": 32,
           "intra_bwd_block_k": 16, "fast_math": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
           "state_dtype": "bf16", "whole_chunk": True, "inter_dtype": "bf16", "intra_bwd_key_groups": 2,
@@ -477,7 +476,7 @@ def _a_rows(a_ptr, t0, eos, i_h, rows, H: tl.constexpr, BT: tl.constexpr, A_SPLI
 @triton.jit
 def _store_a(a_ptr, a, t0, eos, i_h, rows, H: tl.constexpr, BT: tl.constexpr, A_SPLIT: tl.constexpr):
     """A of one chunk (zero above the diagonal), split once here rather than by each reader (the forward scan,
-    every chunk of its sequential walk, and _bwd_dv_kernel)."""
+    every chunk of its sequential walk, and _bwd_inter_kernel)."""
     ptrs, mask = _a_rows(a_ptr, t0, eos, i_h, rows, H, BT, A_SPLIT)
     _store_parts(ptrs, 0, a, BT, mask, A_SPLIT)
 
@@ -547,7 +546,7 @@ def _bwd_dstate_kernel(qd_ptr, do_ptr, total_ptr, dht_ptr, dh0_ptr, ds_ptr, cu_p
                        STORE_DH0: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Split backward, sequential part: one (sequence, head, value block) walks the chunks in reverse and
     stores the state gradient at the end of every chunk (ds[c]); one product per chunk, no atomics. (The value
-    gradient formed here as well, from the state gradient in registers, took as long as _bwd_dv_kernel: the
+    gradient formed here as well, from the state gradient in registers, took as long as its own launch: the
     scan went from 0.08 to 0.20 ms at the first shape, one program per SM; v13.)"""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_nh // H, i_nh % H
@@ -572,51 +571,36 @@ def _bwd_dstate_kernel(qd_ptr, do_ptr, total_ptr, dht_ptr, dh0_ptr, ds_ptr, cu_p
 
 
 @triton.jit
-def _bwd_dv_kernel(kd_ptr, a_ptr, do_ptr, ds_ptr, dv_ptr, cu_ptr, chunks_ptr, H: tl.constexpr, K: tl.constexpr,
-                   V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                   A_SPLIT: tl.constexpr):
-    """Parallel part of the backward, value gradient: one (chunk, head, value block), di = A^T do + k_dec ds
-    (ds: the state gradient at the chunk's end)."""
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, dgc_ptr, d_ptr, kd_ptr, a_ptr, dv_ptr,
+                      cu_ptr, chunks_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+                      A_SPLIT: tl.constexpr):
+    """Parallel part of the backward, one (chunk, head), all of K and V (BV value columns at a time), so no
+    atomics: the inter-chunk dq^ and dk before their decays (do S_prev^T, i ds^T), the part of the chunk-end
+    log-decay gradient sum_v S_end ds_end that comes through the entering state, exp(total) sum_v S_prev
+    ds_end, D = do i^T for the intra backward's tier 0, and the value gradient di = A^T do + k_dec ds.
+
+    The rest of the chunk-end term, sum_t k_dec_t (i_t ds_end^T), is the chunk's sum of k dk over the
+    inter-chunk dk, which the intra backward adds from the very values it subtracts in q^ dq^ - k dk: the two
+    cancel exactly whatever the rounding of dk (with S_end formed here they did not, and bf16 rounding left
+    d beta 5x less accurate than fla's, which sums it the same way).
+    D is stored from here since this program has both operands loaded (0.01 ms less at the first shape than a
+    launch of its own, v13; formed in the intra backward's tier 0 instead, per 16 key columns, it spilled
+    there: 3.04 ms against 2.10, v12). di takes a second walk over V, reading do and ds again while they are in
+    L2 (a launch of its own until v15 read them from memory: 1.594 -> 1.564 ms forward+backward at the first
+    shape; formed in the first walk, beside dq and dk, it spilled 312 B at 128 registers)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     t0 = bos + c * BT
-    rows, cols_k, cols_v = tl.arange(0, BT), tl.arange(0, K), i_v * BV + tl.arange(0, BV)
-    do = _load_tile(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
-    dv = _dot_a(a_ptr, do, t0, eos, i_h, rows, H, BT, True, DOT, PREC, A_SPLIT)
-    k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
-    ds = tl.load(ds_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + cols_k[:, None] * V + cols_v[None, :])
-    dv = tl.dot(k_dec, ds.to(DOT), dv, input_precision=PREC)
-    _store_rows(dv_ptr, dv, t0, eos, i_h, rows, cols_v, H, V)
-
-
-@triton.jit
-def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, dgc_ptr, d_ptr, cu_ptr, chunks_ptr,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """Parallel part of the backward, inter-chunk key gradients: one (chunk, head, key block), all of V (BV
-    columns at a time), so no atomics. The inter-chunk dq^ and dk before their decays (do S_prev^T, i ds^T)
-    and the part of the chunk-end log-decay gradient sum_v S_end ds_end that comes through the entering
-    state, exp(total) sum_v S_prev ds_end. The rest of it, sum_t k_dec_t (i_t ds_end^T), is the chunk's sum of
-    k dk over the inter-chunk dk, which the intra backward adds from the very values it subtracts in
-    q^ dq^ - k dk: the two cancel exactly whatever the rounding of dk (with S_end formed here they did not,
-    and bf16 rounding left d beta 5x less accurate than fla's, which sums it the same way).
-    The first key block's program also stores D = do i^T for the intra backward (_store_d; it has both operands
-    loaded: 0.01 ms less at the first shape than a launch of its own, v13).
-    (Formed in the intra backward's tier 0 instead, per 16 key columns, it spilled there: 3.04 ms against 2.10
-    at the first shape, 2.68 uncapped; docs/kernels.md, v12.)"""
-    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
-    bos, eos = _seq_bounds(cu_ptr, seq)
-    t0 = bos + c * BT
-    rows, cols_k = tl.arange(0, BT), i_k * BK + tl.arange(0, BK)
+    rows, cols_k = tl.arange(0, BT), tl.arange(0, K)
     state_base = (i_c.to(tl.int64) * H + i_h) * K * V
     hs_ptr += state_base  # a 64-bit scalar base and 32-bit tile offsets: fewer address registers
     ds_ptr += state_base
-    dq = tl.zeros([BT, BK], tl.float32)
-    dk = tl.zeros([BT, BK], tl.float32)
+    dq = tl.zeros([BT, K], tl.float32)
+    dk = tl.zeros([BT, K], tl.float32)
     d = tl.zeros([BT, BT], tl.float32)
-    boundary = tl.zeros([BK], tl.float32)
+    boundary = tl.zeros([K], tl.float32)
     for vb in range(0, V, BV):
         cols_v = vb + tl.arange(0, BV)
         offsets = cols_k[:, None] * V + cols_v[None, :]
@@ -632,8 +616,14 @@ def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, 
     _store_rows(dk_ptr, dk, t0, eos, i_h, rows, cols_k, H, K)
     per_key = (i_c.to(tl.int64) * H + i_h) * K + cols_k
     tl.store(dgc_ptr + per_key, boundary * tl.exp(tl.load(total_ptr + per_key)))
-    if i_k == 0:
-        _store_d(d_ptr, d, i_c, i_h, rows, H, BT, SPLIT)
+    _store_d(d_ptr, d, i_c, i_h, rows, H, BT, SPLIT)
+    k_dec = _load_tile(kd_ptr, t0, eos, i_h, rows, cols_k, H, K).to(DOT)
+    for vb in range(0, V, BV):
+        cols_v = vb + tl.arange(0, BV)
+        do = _load_tile(do_ptr, t0, eos, i_h, rows, cols_v, H, V).to(DOT)
+        ds = tl.load(ds_ptr + cols_k[:, None] * V + cols_v[None, :]).to(DOT)
+        dv = _dot_a(a_ptr, do, t0, eos, i_h, rows, H, BT, True, DOT, PREC, A_SPLIT)
+        _store_rows(dv_ptr, tl.dot(k_dec, ds, dv, input_precision=PREC), t0, eos, i_h, rows, cols_v, H, V)
 
 
 @triton.jit
@@ -935,8 +925,8 @@ def _inter_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _a_split(dot) -> bool:
     """CONFIG["a_fp32"], bf16 inputs: A formed in fp32 and multiplied as hi + lo bf16 parts in the forward scan
-    and the di launch (fla keeps A in fp32); the intra forward stores the two parts (_store_a; v13, before: fp32
-    A split by each reader). H200, same run: di 3.02e-3 -> 2.54e-3 (fla 2.50e-3), o
+    and the per-chunk backward's di (fla keeps A in fp32); the intra forward stores the two parts (_store_a;
+    v13, before: fp32 A split by each reader). H200, same run: di 3.02e-3 -> 2.54e-3 (fla 2.50e-3), o
     2.52e-3 -> 1.92e-3 (fla 2.48e-3), for +0.12 ms of 3.52 forward+backward (docs/kernels.md, v8)."""
     return CONFIG["a_fp32"] and dot == tl.bfloat16
 
@@ -1075,20 +1065,14 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
         q_dec, do, totals, dht_arg, dh0_arg, ds, seqs.cu_seqlens, seqs.chunk_offsets, BV=block_v,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **sizes, **_scan_launch(),
     )
-    dv_block = min(CONFIG["dv_block_v"], value_dim)
-    _bwd_dv_kernel[(seqs.num_chunks, heads, triton.cdiv(value_dim, dv_block))](
-        k_dec, a, do, ds, di, seqs.cu_seqlens, seqs.chunks, BV=dv_block, A_SPLIT=_a_split(dot), **sizes,
-        num_warps=CONFIG["dv_warps"],
-    )
-    inter_block = min(CONFIG["inter_block_k"], key_dim)
     grad_options = _grad_options(q.dtype)
     split = grad_options["GRAD_SPLIT"]
     d_buffer = empty((seqs.num_chunks, heads, 2 if split else 1, CHUNK, CHUNK),
                      torch.bfloat16 if split else torch.float32, q.device)
-    _bwd_inter_kernel[(seqs.num_chunks, heads, triton.cdiv(key_dim, inter_block))](
-        i, do, states, ds, totals, dq_inter, dk_inter, dgc, d_buffer, seqs.cu_seqlens, seqs.chunks, BK=inter_block,
+    _bwd_inter_kernel[(seqs.num_chunks, heads)](
+        i, do, states, ds, totals, dq_inter, dk_inter, dgc, d_buffer, k_dec, a, di, seqs.cu_seqlens, seqs.chunks,
         BV=min(CONFIG["inter_block_v"], value_dim), **sizes, num_warps=CONFIG["inter_warps"],
-        num_stages=CONFIG["inter_stages"], SPLIT=split, **_maxnreg("inter_maxnreg"),
+        num_stages=CONFIG["inter_stages"], SPLIT=split, A_SPLIT=_a_split(dot), **_maxnreg("inter_maxnreg"),
     )
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
