@@ -87,7 +87,7 @@ CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_wa
           "intra_fwd_stages0": None, "intra_bwd_stages": None, "intra_bwd_stages0": 1, "intra_fwd_block_k": 32,
           "intra_bwd_block_k": 16, "fast_math": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
           "state_dtype": "bf16", "whole_chunk": True, "inter_dtype": "bf16", "intra_bwd_key_groups": 2,
-          "dbeta_row_groups": 4}
+          "dbeta_row_groups": 4, "gluon_tier0": True, "gluon_maxnreg": None}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -984,11 +984,30 @@ def _dbeta_row_groups() -> int:
     return groups
 
 
-def _launch_tiers(kernel, grid, args, name: str, key_dim: int, **options) -> None:
-    """The three launches of an intra kernel (the module docstring): tier 0 for every chunk; tiers 1 and 2 for
-    the chunks flagged for them only (the others exit at once)."""
+def _launch_tiers(kernel, grid, args, name: str, key_dim: int, tiers=(0, 1, 2), **options) -> None:
+    """The launches of an intra kernel (the module docstring): tier 0 for every chunk; tiers 1 and 2 for the
+    chunks flagged for them only (the others exit at once)."""
     for tier, launch in _tier_launches(name, key_dim).items():
-        kernel[grid](*args, TIER=tier, **options, **launch)
+        if tier in tiers:
+            kernel[grid](*args, TIER=tier, **options, **launch)
+
+
+@functools.cache
+def _gluon_module():
+    """kernels.hgrn2.gluon_tier0, imported on first use on a GPU only (Gluon has no interpreter)."""
+    from kernels.hgrn2 import gluon_tier0
+
+    return gluon_tier0
+
+
+def _gluon_tier0(q: torch.Tensor, key_dim: int, grad_options: dict, row_groups: int) -> bool:
+    """Whether tier 0 of the intra backward runs as the Gluon kernel (kernels/hgrn2/gluon_tier0.py;
+    CONFIG["gluon_tier0"]): on Hopper (sm_90), for bf16 inputs with the split products, with the hardware
+    gate math, whole key groups of 64 columns and d beta in 4 row groups. Elsewhere, Triton's tier 0."""
+    return (CONFIG["gluon_tier0"] and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
+            and grad_options["GRAD_SPLIT"] and _gate_options()["FAST_MATH"] and key_dim % 64 == 0
+            and row_groups == 4)
 
 
 def _scan_launch() -> dict:
@@ -1077,13 +1096,19 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
     dbeta_chunks = empty((seqs.num_chunks, heads, row_groups, key_dim), torch.float32, q.device)
+    intra_args = (q, f_logit, beta_arg, i, do, d_buffer, dq_inter, dk_inter, dgc, halves, totals, dq, dx, dbeta_chunks,
+                  flags, seqs.cu_seqlens, seqs.chunks, scale)
+    tiers = (0, 1, 2)
+    if _gluon_tier0(q, key_dim, grad_options, row_groups):
+        gluon = _gluon_module()
+        gluon.intra_bwd_tier0_kernel[(seqs.num_chunks * (key_dim // gluon.KEYS.value), heads)](
+            *intra_args[:3], *intra_args[5:], H=heads, K=key_dim, HAS_BETA=has_beta, SWISH_Q=swish_q, num_warps=4,
+            **_maxnreg("gluon_maxnreg"))
+        tiers = (1, 2)
     _launch_tiers(
-        _intra_bwd_kernel, (seqs.num_chunks * key_groups, heads),
-        (q, f_logit, beta_arg, i, do, d_buffer, dq_inter, dk_inter, dgc, halves, totals, dq, dx, dbeta_chunks, flags,
-         seqs.cu_seqlens, seqs.chunks, scale),
-        "intra_bwd", key_dim, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta,
-        DOT=dot, PREC=prec, SWISH_Q=swish_q, KEY_GROUPS=key_groups, ROW_GROUPS=row_groups, **grad_options,
-        **_gate_options(),
+        _intra_bwd_kernel, (seqs.num_chunks * key_groups, heads), intra_args, "intra_bwd", key_dim, tiers,
+        H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot, PREC=prec,
+        SWISH_Q=swish_q, KEY_GROUPS=key_groups, ROW_GROUPS=row_groups, **grad_options, **_gate_options(),
     )
     dbeta = dbeta_chunks.sum((0, 2)) if has_beta else None
     return dq, dx, di, dbeta, dh0
