@@ -1,6 +1,6 @@
 """Compile the heavy HGRN2 kernels for sm_90 without a GPU: registers, spills, and where the SASS comes from.
 
-    python benchmarks/kernel_sass.py [--kernels intra_fwd,fwd_scan,bwd_dstate,intra_bwd,bwd_inter]
+    python benchmarks/kernel_sass.py [--kernels intra_fwd,fwd_scan,bwd_dstate,intra_bwd,bwd_inter,intra_bwd_gluon]
                                      [--config '{"intra_bwd_warps": 8}'] [--tier 0|1|2]
 
 At the benchmark's first shape (H 16, n 128, bf16 inputs, with a lower bound) and the launch settings of
@@ -9,7 +9,8 @@ reported: registers and spill bytes (ptxas -v), SASS instructions, and the sourc
 standard library) that produce the most instructions. The counts are static, not time: a line inside the
 key-block loop runs K / BK times per program. Between GPU sessions this shows what a change does to register
 pressure and code size; time it on the GPU (benchmarks/kernels.py, benchmarks/kernel_ncu.py) before keeping it.
-Uses the ptxas and nvdisasm that ship with Triton.
+Uses the ptxas and nvdisasm that ship with Triton. intra_bwd_gluon is the Gluon tier 0 of the intra backward
+(kernels/hgrn2/gluon_tier0.py; needs Triton 3.6's Gluon, as on the device: PYTHONPATH to a triton==3.6.0 install).
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def kernel_specs(tier: int) -> dict:
                        "ROW_GROUPS": config["dbeta_row_groups"]},
                       {"num_warps": tiers["intra_bwd"]["num_warps"], "maxnreg": tiers["intra_bwd"].get("maxnreg"),
                        "num_stages": tiers["intra_bwd"].get("num_stages")}),
+        "intra_bwd_gluon": (None, {name: kind for name, kind in intra_bwd.items() if name not in ("v_ptr", "do_ptr")},
+                            {"H": HEADS, "K": DIM, "HAS_BETA": True, "SWISH_Q": True},
+                            {"num_warps": 4, "maxnreg": config["gluon_maxnreg"]}),
         "bwd_inter": (chunk._bwd_inter_kernel, bwd_inter, {**SIZES, "BV": config["inter_block_v"], **dots,
                                                            "SPLIT": True, "A_SPLIT": a_split},
                       {"num_warps": config["inter_warps"], "num_stages": config["inter_stages"],
@@ -98,11 +102,18 @@ def kernel_specs(tier: int) -> dict:
 
 
 def compile_for_hopper(fn, arg_types: dict, constexprs: dict, options: dict):
+    source_type = ASTSource
+    if fn is None:  # the Gluon kernel, imported only here (the CPU's Triton may lack this Gluon)
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        from kernels.hgrn2 import gluon_tier0
+
+        fn, source_type = gluon_tier0.intra_bwd_tier0_kernel, GluonASTSource
     signature = {**arg_types, **{name: "constexpr" for name in constexprs}}
     # as the launcher specialises them: torch's allocations are 16-byte aligned (vectorised loads and stores)
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in arg_types.items()
                if kind.startswith("*")}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+    source = source_type(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
     options = {name: value for name, value in options.items() if value is not None}
     return triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
 
