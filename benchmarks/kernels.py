@@ -96,7 +96,35 @@ def time_ms(fn, warmup=25, rep=100, grad_to_none=None):
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median", grad_to_none=grad_to_none)
 
 
-def time_paths(shape, use_fla, use_sdpa):
+def issue_and_device_ms(step, leaves, calls=10):
+    """(host ms to issue one forward+backward, device ms of its kernels), each averaged over ``calls``: when the
+    first exceeds the second the GPU waits for Python and do_bench's wall-clock median times the host, not the
+    kernels (docs/kernels.md, v15). Device time is the sum of the kernels' times in the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def fresh_step():
+        for leaf in leaves:
+            leaf.grad = None
+        step()
+
+    for _ in range(3):
+        fresh_step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fresh_step()
+    issue = (time.perf_counter() - start) * 1000 / calls
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fresh_step()
+        torch.cuda.synchronize()
+    device_us = sum(getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
+                    for event in prof.key_averages())
+    return issue, device_us / 1000 / calls
+
+
+def time_paths(shape, use_fla, use_sdpa, issue_time=False):
     inputs = make_inputs(*shape)
     leaves = {n: x.detach().clone().requires_grad_() for n, x in inputs.items()}
     do = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
@@ -109,12 +137,17 @@ def time_paths(shape, use_fla, use_sdpa):
             fwd = time_ms(lambda fn=fn: fn(**inputs))
         fwdbwd = time_ms(lambda fn=fn: fn(**leaves).backward(do), warmup=50, grad_to_none=list(leaves.values()))
         results[name] = (fwd, fwdbwd)
+        if issue_time:
+            results.setdefault("issue/device", {})[name] = issue_and_device_ms(
+                lambda fn=fn: fn(**leaves).backward(do), list(leaves.values()))
     if use_sdpa:
-        results.update(time_sdpa(shape))
+        sdpa = time_sdpa(shape, issue_time)
+        results.setdefault("issue/device", {}).update(sdpa.pop("issue/device", {}))
+        results.update(sdpa)
     return results
 
 
-def time_sdpa(shape):
+def time_sdpa(shape, issue_time=False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     batch, seq_len, heads, dim = shape
@@ -133,6 +166,8 @@ def time_sdpa(shape):
                     fwd = time_ms(lambda: attention().detach())
                     fwdbwd = time_ms(lambda: attention().backward(do), grad_to_none=[q, k, v])
             results[label] = (fwd, fwdbwd)
+            if issue_time and backend is None:
+                results["issue/device"] = {label: issue_and_device_ms(lambda: attention().backward(do), [q, k, v])}
         except RuntimeError as error:  # a backend may not support the shape
             print(f"  {label} failed: {error}", flush=True)
     return results
@@ -252,6 +287,13 @@ def markdown(results, accuracy_rows, decode_rows, meta):
             else:
                 cells.append("—")
         lines.append("| " + " | ".join(cells) + " |")
+    issue_rows = [(key, path, times) for key, row in results.items()
+                  for path, times in row.get("issue/device", {}).items()]
+    if issue_rows:
+        lines += ["", "Forward+backward: host time to issue one call and device time of its kernels (ms, mean of 10; "
+                  "a wall-clock time above the device time and near the host time is host-bound):", "",
+                  "| B, T, H, n | path | host issue | device |", "| --- | --- | --- | --- |"]
+        lines += [f"| {key} | {path} | {issue:.3f} | {device:.3f} |" for key, path, (issue, device) in issue_rows]
     if accuracy_rows:
         lines += ["", "bf16 relative error vs a float64 reference (same bf16-valued inputs; batch capped at 2):", "",
                   "| B, T, H, n | path | o | dq | df_logit | di | dlower_bound |",
@@ -287,6 +329,8 @@ def main():
     parser.add_argument("--shapes", default="all", help="'all' or indices into SHAPES, e.g. 0,2")
     parser.add_argument("--fla-shapes", default="all", help="shapes (indices) at which fla is also run")
     parser.add_argument("--fp32-check", action="store_true")
+    parser.add_argument("--issue-time", action="store_true",
+                        help="also the host time to issue each forward+backward and its kernels' device time")
     parser.add_argument("--time-variant", help=argparse.SUPPRESS)  # one --variants row (a child process)
     args = parser.parse_args()
     chunk_module.CONFIG.update(json.loads(args.config))
@@ -333,7 +377,7 @@ def main():
         if not args.no_accuracy:
             accuracy_rows[key] = accuracy(shape, use_fla and shape in fla_shapes)
             print(f"[{time.time() - start:.0f}s] accuracy {key}: {accuracy_rows[key]}", flush=True)
-        row = time_paths(shape, use_fla and shape in fla_shapes, not args.no_sdpa)
+        row = time_paths(shape, use_fla and shape in fla_shapes, not args.no_sdpa, args.issue_time)
         row["floor"] = floors(*shape)
         results[key] = row
         print(f"[{time.time() - start:.0f}s] timings {key}: {row}", flush=True)
