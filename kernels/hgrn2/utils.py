@@ -247,7 +247,8 @@ def _dense_sequences(batch: int, seq_len: int, chunk: int, device: torch.device)
 def make_sequences(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, chunk: int,
                    device: torch.device) -> Sequences:
     if cu_seqlens is None:
-        if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        capturing = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing or torch.compiler.is_compiling():  # tensors that belong to the graph or the trace
             return _dense_sequences.__wrapped__(batch, seq_len, chunk, device)
         return _dense_sequences(batch, seq_len, chunk, device)
     bounds = cu_seqlens.tolist()
