@@ -28,7 +28,8 @@ Launches, backward: state-gradient scan (reverse, sequential over chunks: the st
                     end) -> inter-chunk dq, dk, the chunk-boundary log-decay gradient, D = do i^T for tier 0
                     and di (parallel over chunks) -> intra
                     (parallel over chunks and key groups: the intra-chunk parts of dq, dk; dq; the log-decay
-                    gradient; d f_logit, d beta; three tiers).
+                    gradient; d f_logit, d beta; three tiers; on Hopper with bf16 inputs tier 0 is the Gluon
+                    kernel of gluon_tier0.py, _gluon_tier0).
 """
 
 from __future__ import annotations
