@@ -97,9 +97,10 @@ def time_ms(fn, warmup=25, rep=100, grad_to_none=None):
 
 
 def issue_and_device_ms(step, leaves, calls=10):
-    """(host ms to issue one forward+backward, device ms of its kernels), each averaged over ``calls``: when the
-    first exceeds the second the GPU waits for Python and do_bench's wall-clock median times the host, not the
-    kernels (docs/kernels.md, v15). Device time is the sum of the kernels' times in the torch profiler."""
+    """(host ms to issue one forward+backward, device ms of its kernels, ms of one CUDA-graph replay of it):
+    when the first exceeds the second the GPU waits for Python and do_bench's wall-clock median times the host,
+    not the kernels (docs/kernels.md, v15). Device time is the sum of the kernels' times in the torch profiler
+    (means of ``calls``); the graph replay (a median, NaN if the path cannot be captured) has no host work."""
     from torch.profiler import ProfilerActivity, profile
 
     def fresh_step():
@@ -121,7 +122,12 @@ def issue_and_device_ms(step, leaves, calls=10):
         torch.cuda.synchronize()
     device_us = sum(getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
                     for event in prof.key_averages())
-    return issue, device_us / 1000 / calls
+    try:
+        graph = graph_time_us(fresh_step) / 1000
+    except RuntimeError as error:
+        print(f"  CUDA-graph capture failed: {error}"[:300], flush=True)
+        graph = math.nan
+    return issue, device_us / 1000 / calls, graph
 
 
 def time_paths(shape, use_fla, use_sdpa, issue_time=False):
@@ -290,10 +296,12 @@ def markdown(results, accuracy_rows, decode_rows, meta):
     issue_rows = [(key, path, times) for key, row in results.items()
                   for path, times in row.get("issue/device", {}).items()]
     if issue_rows:
-        lines += ["", "Forward+backward: host time to issue one call and device time of its kernels (ms, mean of 10; "
-                  "a wall-clock time above the device time and near the host time is host-bound):", "",
-                  "| B, T, H, n | path | host issue | device |", "| --- | --- | --- | --- |"]
-        lines += [f"| {key} | {path} | {issue:.3f} | {device:.3f} |" for key, path, (issue, device) in issue_rows]
+        lines += ["", "Forward+backward: host time to issue one call, device time of its kernels (ms, means of 10) and "
+                  "one CUDA-graph replay of it (median); a wall-clock time above the device time and near the "
+                  "host time is host-bound:", "",
+                  "| B, T, H, n | path | host issue | device | graph replay |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {key} | {path} | {issue:.3f} | {device:.3f} | {graph:.3f} |"
+                  for key, path, (issue, device, graph) in issue_rows]
     if accuracy_rows:
         lines += ["", "bf16 relative error vs a float64 reference (same bf16-valued inputs; batch capped at 2):", "",
                   "| B, T, H, n | path | o | dq | df_logit | di | dlower_bound |",
@@ -330,7 +338,8 @@ def main():
     parser.add_argument("--fla-shapes", default="all", help="shapes (indices) at which fla is also run")
     parser.add_argument("--fp32-check", action="store_true")
     parser.add_argument("--issue-time", action="store_true",
-                        help="also the host time to issue each forward+backward and its kernels' device time")
+                        help="also the host time to issue each forward+backward, its kernels' device time and a "
+                             "CUDA-graph replay of it")
     parser.add_argument("--time-variant", help=argparse.SUPPRESS)  # one --variants row (a child process)
     args = parser.parse_args()
     chunk_module.CONFIG.update(json.loads(args.config))
