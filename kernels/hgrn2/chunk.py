@@ -71,8 +71,9 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # 2.50e-3; o 1.92e-3 -> 1.76e-3; +0.08 ms of 3.66 forward+backward; docs/kernels.md, v9).
 # inter_*: the backward's per-chunk launch (_bwd_inter_kernel), all key columns in one program of 8 warps (D
 # formed once per chunk; v13: 1.842 -> 1.794 ms forward+backward at the first shape against two programs of 64
-# key columns at 4 warps), capped at 128 registers (two programs per SM; 8 B spilled since it forms di too,
-# v15: 168 registers, or one pipelining stage, 1.67 against 1.56 ms). inter_dtype: _inter_dtype.
+# key columns at 4 warps), capped at 128 registers (two programs per SM, no spills; 106 KB of shared memory in
+# two stages since it forms di too, v15: with 168 registers or one stage 1.67 against 1.56 ms). inter_dtype:
+# _inter_dtype.
 # intra_bwd_key_groups: programs per chunk of the intra backward (_intra_bwd_kernel; v13: 2 gave 1.903 against
 # 1.936 ms with 1, 1.947 with 4: a fuller last wave). dbeta_row_groups: _dbeta_row_groups.
 # intra_*0: the intra kernels' tier-0 launch; intra_* without the 0: tiers 1 and 2 (tier 2, the

@@ -30,11 +30,12 @@ from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
 )
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+from kernels.hgrn2 import chunk
+from kernels.hgrn2.chunk import FACTOR_SPAN
 from kernels.hgrn2.utils import fast_exp, fast_sigmoid, gate_jacobians, gate_log_f_and_k
 
 KEYS = gl.constexpr(64)  # key columns per program (the products' M: one warpgroup)
-CHUNK = gl.constexpr(64)
-FACTOR_SPAN = gl.constexpr(60.0)  # as chunk.FACTOR_SPAN: tier 0's factors stay below e^60
+CHUNK = gl.constexpr(chunk.CHUNK)
 
 # The products' accumulator: warp w holds rows 16w..16w+15 (M), lane l rows l/4 and l/4 + 8, columns 8j + 2(l%4) + e.
 PRODUCT = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
