@@ -996,9 +996,12 @@ def _launch_tiers(kernel, grid, args, name: str, key_dim: int, tiers=(0, 1, 2), 
 
 @functools.cache
 def _gluon_module():
-    """kernels.hgrn2.gluon_tier0, imported on first use on a GPU only (Gluon has no interpreter)."""
-    from kernels.hgrn2 import gluon_tier0
-
+    """kernels.hgrn2.gluon_tier0, imported on first use on a GPU only (Gluon has no interpreter); None with a
+    Triton whose Gluon lacks what it uses (written for 3.6), which then leaves tier 0 to Triton's kernel."""
+    try:
+        from kernels.hgrn2 import gluon_tier0
+    except (ImportError, AttributeError):
+        return None
     return gluon_tier0
 
 
@@ -1009,7 +1012,7 @@ def _gluon_tier0(q: torch.Tensor, key_dim: int, grad_options: dict, row_groups: 
     return (CONFIG["gluon_tier0"] and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
             and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
             and grad_options["GRAD_SPLIT"] and _gate_options()["FAST_MATH"] and key_dim % 64 == 0
-            and row_groups == 4)
+            and row_groups == 4 and _gluon_module() is not None)
 
 
 def _scan_launch() -> dict:
