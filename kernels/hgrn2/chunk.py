@@ -81,6 +81,9 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # (Triton's pipelining of its loop-invariant D loads took 110 KB of shared memory: 2.78 against 2.28 ms; v12).
 # whole_chunk: False turns tier 0's factorisation off (every chunk then takes tier 1 or 2: slower, but a way
 # around a compiler that mistranslates tier 0; v11).
+# gluon_tier0: tier 0 of the intra backward as the Gluon kernel where it applies (_gluon_tier0; v15: 0.36 against
+# ~0.70 ms at the first shape); gluon_maxnreg caps its registers (255 uncapped, 2 programs per SM; caps of
+# 232 / 200 / 168 spill 156 / 620 / 1,020 B and did not measure faster, v15).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": 168,
           "intra_fwd_maxnreg0": 128, "intra_bwd_maxnreg0": 168, "intra_fwd_block_k0": 16,
