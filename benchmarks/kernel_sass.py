@@ -1,6 +1,7 @@
 """Compile the heavy HGRN2 kernels for sm_90 without a GPU: registers, spills, and where the SASS comes from.
 
-    python benchmarks/kernel_sass.py [--kernels intra_fwd,fwd_scan,bwd_dstate,intra_bwd,bwd_inter,intra_bwd_gluon]
+    python benchmarks/kernel_sass.py [--kernels intra_fwd,fwd_scan,bwd_dstate,intra_bwd,bwd_inter,
+                                                intra_fwd_gluon,intra_bwd_gluon]
                                      [--config '{"intra_bwd_warps": 8}'] [--tier 0|1|2]
 
 At the benchmark's first shape (H 16, n 128, bf16 inputs, with a lower bound) and the launch settings of
@@ -9,8 +10,9 @@ reported: registers and spill bytes (ptxas -v), SASS instructions, and the sourc
 standard library) that produce the most instructions. The counts are static, not time: a line inside the
 key-block loop runs K / BK times per program. Between GPU sessions this shows what a change does to register
 pressure and code size; time it on the GPU (benchmarks/kernels.py, benchmarks/kernel_ncu.py) before keeping it.
-Uses the ptxas and nvdisasm that ship with Triton. intra_bwd_gluon is the Gluon tier 0 of the intra backward
-(kernels/hgrn2/gluon_tier0.py; needs Triton 3.6's Gluon, as on the device: PYTHONPATH to a triton==3.6.0 install).
+Uses the ptxas and nvdisasm that ship with Triton. intra_fwd_gluon and intra_bwd_gluon are the Gluon tier 0 of
+the intra forward and backward (kernels/hgrn2/gluon_tier0.py; needs Triton 3.6's Gluon, as on the device:
+PYTHONPATH to a triton==3.6.0 install).
 """
 
 from __future__ import annotations
@@ -91,7 +93,11 @@ def kernel_specs(tier: int) -> dict:
                        "ROW_GROUPS": config["dbeta_row_groups"]},
                       {"num_warps": tiers["intra_bwd"]["num_warps"], "maxnreg": tiers["intra_bwd"].get("maxnreg"),
                        "num_stages": tiers["intra_bwd"].get("num_stages")}),
-        "intra_bwd_gluon": (None, {name: kind for name, kind in intra_bwd.items() if name not in ("v_ptr", "do_ptr")},
+        "intra_fwd_gluon": ("intra_fwd_tier0_kernel", intra_fwd,
+                            {"H": HEADS, "K": DIM, "HAS_BETA": True, "SWISH_Q": True, "STORE_HALVES": True},
+                            {"num_warps": 4}),
+        "intra_bwd_gluon": ("intra_bwd_tier0_kernel",
+                            {name: kind for name, kind in intra_bwd.items() if name not in ("v_ptr", "do_ptr")},
                             {"H": HEADS, "K": DIM, "HAS_BETA": True, "SWISH_Q": True},
                             {"num_warps": 4, "maxnreg": config["gluon_maxnreg"]}),
         "bwd_inter": (chunk._bwd_inter_kernel, bwd_inter, {**SIZES, "BV": config["inter_block_v"], **dots,
@@ -103,12 +109,12 @@ def kernel_specs(tier: int) -> dict:
 
 def compile_for_hopper(fn, arg_types: dict, constexprs: dict, options: dict):
     source_type = ASTSource
-    if fn is None:  # the Gluon kernel, imported only here (the CPU's Triton may lack this Gluon)
+    if isinstance(fn, str):  # a Gluon kernel, imported only here (the CPU's Triton may lack this Gluon)
         from triton.experimental.gluon._runtime import GluonASTSource
 
         from kernels.hgrn2 import gluon_tier0
 
-        fn, source_type = gluon_tier0.intra_bwd_tier0_kernel, GluonASTSource
+        fn, source_type = getattr(gluon_tier0, fn), GluonASTSource
     signature = {**arg_types, **{name: "constexpr" for name in constexprs}}
     # as the launcher specialises them: torch's allocations are 16-byte aligned (vectorised loads and stores)
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in arg_types.items()

@@ -1,6 +1,6 @@
-"""Tier 0 of the intra backward in Gluon (kernels/hgrn2/gluon_tier0.py) against Triton's tier 0 (GPU only).
+"""Tier 0 of the intra forward and backward in Gluon (kernels/hgrn2/gluon_tier0.py) against Triton's (GPU only).
 
-Gluon has no interpreter, so this kernel is tested here only: the same bf16 inputs through both tier-0 kernels,
+Gluon has no interpreter, so these kernels are tested here only: the same bf16 inputs through both tier-0 paths,
 every gradient compared with float64, and the Gluon kernel's error must be at the Triton kernel's level. The
 inputs mix tiers (a band of key columns decays fast enough for tier 1, a window of one head for tier 2), pack
 documents of odd lengths and run swish of q in the kernels, so the flags, masks and key groups are exercised.
@@ -54,10 +54,12 @@ def test_gluon_tier0_at_triton_accuracy(dim, swish_q, documents, monkeypatch):
     cu_seqlens = torch.tensor([0, *documents], device="cuda", dtype=torch.int32)
     do = torch.randn(1, documents[-1], 3, dim, device="cuda").bfloat16()
     assert chunk._gluon_tier0(inputs["q"], dim, chunk._grad_options(torch.bfloat16), chunk._dbeta_row_groups())
+    assert chunk._gluon_fwd_tier0(inputs["q"], dim)
     reference = _reference(inputs, cu_seqlens, do, swish_q)
     errors = {}
     for gluon in (True, False):
         monkeypatch.setitem(chunk.CONFIG, "gluon_tier0", gluon)
+        monkeypatch.setitem(chunk.CONFIG, "gluon_fwd_tier0", gluon)
         result = _gradients(inputs, cu_seqlens, do, swish_q)
         errors[gluon] = {name: relative_error(result[name].cpu(), reference[name]) for name in result}
     assert all(errors[True][name] <= 1.25 * errors[False][name] + 1e-4 for name in reference), (

@@ -92,7 +92,8 @@ CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_wa
           "intra_fwd_stages0": None, "intra_bwd_stages": None, "intra_bwd_stages0": 1, "intra_fwd_block_k": 32,
           "intra_bwd_block_k": 16, "fast_math": True, "grad_prec": "bf16x3", "a_fp32": True, "a_prec": "bf16x3",
           "state_dtype": "bf16", "whole_chunk": True, "inter_dtype": "bf16", "intra_bwd_key_groups": 2,
-          "dbeta_row_groups": 4, "gluon_tier0": True, "gluon_maxnreg": None}
+          "dbeta_row_groups": 4, "gluon_tier0": True, "gluon_maxnreg": None,
+          "gluon_fwd_tier0": True}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1008,6 +1009,17 @@ def _gluon_module():
     return gluon_tier0
 
 
+def _gluon_fwd_tier0(q: torch.Tensor, key_dim: int) -> bool:
+    """Whether tier 0 of the intra forward runs as the Gluon kernel (gluon_tier0.intra_fwd_tier0_kernel;
+    CONFIG["gluon_fwd_tier0"]): on Hopper, for bf16 inputs with A kept as hi + lo parts of split products, the
+    hardware gate math, the whole-chunk factorisation and K of 64 or 128."""
+    dot = _dot_config(q.dtype)[0]
+    return (CONFIG["gluon_fwd_tier0"] and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
+            and _a_prec_split(dot) and _gate_options()["FAST_MATH"] and CONFIG["whole_chunk"]
+            and key_dim in (64, 128) and _gluon_module() is not None)
+
+
 def _gluon_tier0(q: torch.Tensor, key_dim: int, grad_options: dict, row_groups: int) -> bool:
     """Whether tier 0 of the intra backward runs as the Gluon kernel (kernels/hgrn2/gluon_tier0.py;
     CONFIG["gluon_tier0"]): on Hopper (sm_90), for bf16 inputs with the split products, with the hardware
@@ -1045,13 +1057,19 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     # r, the cumulative log-decay at the end of each chunk's first half, for the backward's tier 0
     halves = empty(totals.shape, torch.float32, q.device) if keep_states else None
     flags = empty((seqs.num_chunks, heads), torch.int32, q.device)
+    intra_args = (q, f_logit, beta_arg, a, q_dec, k_dec, totals, halves if keep_states else totals, flags,
+                  seqs.cu_seqlens, seqs.chunks, scale)
+    tiers = (0, 1, 2)
+    if _gluon_fwd_tier0(q, key_dim):
+        _gluon_module().intra_fwd_tier0_kernel[(seqs.num_chunks, heads)](
+            *intra_args, H=heads, K=key_dim, HAS_BETA=has_beta, SWISH_Q=swish_q, STORE_HALVES=keep_states,
+            num_warps=4)
+        tiers = (1, 2)
     _launch_tiers(
-        _intra_fwd_kernel, (seqs.num_chunks, heads),
-        (q, f_logit, beta_arg, a, q_dec, k_dec, totals, halves if keep_states else totals, flags, seqs.cu_seqlens,
-         seqs.chunks, scale),
-        "intra_fwd", key_dim, H=heads, K=key_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot, PREC=prec,
-        A_PREC_SPLIT=_a_prec_split(dot), SWISH_Q=swish_q, WHOLE=CONFIG["whole_chunk"], A_SPLIT=_a_split(dot),
-        STORE_HALVES=keep_states, **_gate_options(),
+        _intra_fwd_kernel, (seqs.num_chunks, heads), intra_args, "intra_fwd", key_dim, tiers, H=heads, K=key_dim,
+        BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot, PREC=prec, A_PREC_SPLIT=_a_prec_split(dot),
+        SWISH_Q=swish_q, WHOLE=CONFIG["whole_chunk"], A_SPLIT=_a_split(dot), STORE_HALVES=keep_states,
+        **_gate_options(),
     )
     o = empty(i.shape, i.dtype, i.device)
     final = empty((seqs.num_seqs, heads, key_dim, value_dim), torch.float32, q.device) if output_final_state else None

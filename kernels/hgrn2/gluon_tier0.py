@@ -1,4 +1,7 @@
-"""Tier 0 of the intra-chunk backward in Gluon (Triton's layout-explicit dialect), for Hopper (sm_90).
+"""Tier 0 of the intra-chunk backward and forward in Gluon (Triton's layout-explicit dialect), for Hopper (sm_90).
+
+The forward (`intra_fwd_tier0_kernel`, at the end) uses the same [key, row] tiles, staging and row sums; its one
+product, A = q~ k~^T, contracts over the keys, so both operands go through shared memory.
 
 The same math as chunk.py's `_intra_bwd_kernel` at TIER 0 (`_intra_bwd_whole` + `_intra_bwd_finish`), laid out
 so that the sums along the chunk's rows cost almost nothing. Each program does one chunk, one head and 64 key
@@ -238,3 +241,122 @@ def _tier0_chunk(q_ptr, x_ptr, beta_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_pt
         keys_p = k_first + gl.arange(0, KEYS, layout=gl.SliceLayout(1, partial.type.layout))
         rows_p = (i_c.to(gl.int64) * H + i_h) * 4 + groups
         gl.store(dbeta_ptr + rows_p[None, :] * K + keys_p[:, None], partial)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward: tier 0 of chunk._intra_fwd_kernel (_intra_fwd_chunk_whole)
+# ----------------------------------------------------------------------------------------------------------
+# A = q~ k~^T contracts over the keys, so both of its operands go through shared memory: the [key, row] tiles of
+# q~ and k~ (hi and lo bf16 parts) in NVMMA layout, A's left operand their transposed view.
+OPERAND_SHARED = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+
+@gluon.jit
+def _operand_parts(value, hi_shared, lo_shared):
+    """An fp32 [key, row] tile's hi and lo bf16 parts into shared memory, for the products (as
+    chunk._split_bf16)."""
+    hi = value.to(gl.bfloat16)
+    hi_shared.store(hi)
+    lo_shared.store((value - hi.to(gl.float32)).to(gl.bfloat16))
+
+
+@gluon.jit
+def _fwd_key_group(x_staged, q_staged, acc, span, parts, beta_ptr, qd_ptr, kd_ptr, total_ptr, half_ptr, scale,
+                   i_c, i_h, k_first, tile, offsets, ok, rows, valid, H: gl.constexpr, K: gl.constexpr,
+                   HAS_BETA: gl.constexpr, SWISH_Q: gl.constexpr, STORE_HALVES: gl.constexpr):
+    """One group of KEYS key columns of _intra_fwd_chunk_whole: the decayed q^ and k the scans take, the chunk's
+    total and first-half log-decays, and A += (q^ e^(cum - r)) (k e^(r - cum))^T; returns (A, span)."""
+    keys = k_first + gl.arange(0, KEYS, layout=gl.SliceLayout(1, ROWS))
+    chunk_key = (i_c.to(gl.int64) * H + i_h) * K + keys
+    beta = 0.0
+    if HAS_BETA:
+        beta = gl.load(beta_ptr + i_h * K + keys)[:, None]
+    log_f, k = gate_log_f_and_k(_read(x_staged), beta, True, True)
+    log_f = gl.where(valid, log_f, 0.0)
+    k = gl.where(valid, k, 0.0)
+    first_half = (rows < CHUNK // 2)[None, :]
+    first = gl.sum(gl.where(first_half, log_f, 0.0), axis=1)
+    second = gl.sum(gl.where(first_half, 0.0, log_f), axis=1)
+    span = gl.maximum(span, -gl.minimum(first, second))
+    inside = gl.reshape(gl.associative_scan(gl.reshape(log_f, [KEYS, 2, CHUNK // 2]), 2, _add), [KEYS, CHUNK])
+    middle = inside - gl.where(first_half, first[:, None], 0.0)
+    to_middle = fast_exp(gl.minimum(middle, FACTOR_SPAN), True)
+    from_middle = fast_exp(gl.minimum(-middle, FACTOR_SPAN), True)
+    q = _read(q_staged)
+    if SWISH_Q:
+        q = q * fast_sigmoid(q, True)
+    q = q * scale
+    _store(qd_ptr + tile, offsets, ok, q * to_middle * fast_exp(first, True)[:, None])
+    _store(kd_ptr + tile, offsets, ok, k * from_middle * fast_exp(second, True)[:, None])
+    gl.store(total_ptr + chunk_key, first + second)
+    if STORE_HALVES:
+        gl.store(half_ptr + chunk_key, first)
+
+    q_hi, q_lo, k_hi, k_lo = parts
+    _operand_parts(q * to_middle, q_hi, q_lo)
+    _operand_parts(k * from_middle, k_hi, k_lo)
+    fence_async_shared()
+    gl.thread_barrier()
+    acc = warpgroup_mma(q_lo.permute([1, 0]), k_hi, acc, is_async=True)
+    acc = warpgroup_mma(q_hi.permute([1, 0]), k_lo, acc, is_async=True)
+    acc = warpgroup_mma(q_hi.permute([1, 0]), k_hi, acc, is_async=True)
+    return warpgroup_mma_wait(0, deps=[acc]), span
+
+
+@gluon.jit
+def intra_fwd_tier0_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, half_ptr, flag_ptr, cu_ptr,
+                           chunks_ptr, scale, H: gl.constexpr, K: gl.constexpr, HAS_BETA: gl.constexpr,
+                           SWISH_Q: gl.constexpr, STORE_HALVES: gl.constexpr):
+    """Tier 0 of chunk._intra_fwd_kernel for one (chunk, head), K = 64 or 128 key columns in groups of KEYS: the
+    same outputs (A as hi and lo bf16 parts, the decayed q^ and k, the chunk's log-decays, and the tier flag: 0
+    if every key column's halves span less than FACTOR_SPAN, else 1 for Triton's tier-1 launch)."""
+    i_c = gl.program_id(0)
+    i_h = gl.program_id(1)
+    seq = gl.load(chunks_ptr + 2 * i_c)
+    bos = gl.load(cu_ptr + seq).to(gl.int64)
+    eos = gl.load(cu_ptr + seq + 1).to(gl.int64)
+    t0 = bos + gl.load(chunks_ptr + 2 * i_c + 1) * CHUNK
+    tile = (t0 * H + i_h) * K
+    x_first = _stage(x_ptr + tile, t0, eos, H, K)
+    q_first = _stage(q_ptr + tile, t0, eos, H, K)
+    commit_group()
+    if K == 2 * KEYS:
+        x_second = _stage(x_ptr + tile + KEYS, t0, eos, H, K)
+        q_second = _stage(q_ptr + tile + KEYS, t0, eos, H, K)
+        commit_group()
+    parts = (gl.allocate_shared_memory(gl.bfloat16, [KEYS, CHUNK], OPERAND_SHARED),
+             gl.allocate_shared_memory(gl.bfloat16, [KEYS, CHUNK], OPERAND_SHARED),
+             gl.allocate_shared_memory(gl.bfloat16, [KEYS, CHUNK], OPERAND_SHARED),
+             gl.allocate_shared_memory(gl.bfloat16, [KEYS, CHUNK], OPERAND_SHARED))
+
+    rows_io = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, IO))
+    keys_io = gl.arange(0, KEYS, layout=gl.SliceLayout(1, IO))
+    offsets = rows_io[None, :] * (H * K) + keys_io[:, None]
+    ok = (t0 + rows_io < eos)[None, :] & (keys_io < KEYS)[:, None]
+    rows = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, ROWS))
+    valid = (t0 + rows < eos)[None, :]
+    acc = gl.full([CHUNK, CHUNK], 0.0, gl.float32, PRODUCT)
+    span = gl.full([KEYS], 0.0, gl.float32, gl.SliceLayout(1, ROWS))
+    if K == 2 * KEYS:
+        wait_group(1)
+    else:
+        wait_group(0)
+    acc, span = _fwd_key_group(x_first, q_first, acc, span, parts, beta_ptr, qd_ptr, kd_ptr, total_ptr, half_ptr,
+                               scale, i_c, i_h, 0, tile, offsets, ok, rows, valid, H, K, HAS_BETA, SWISH_Q,
+                               STORE_HALVES)
+    if K == 2 * KEYS:
+        wait_group(0)
+        acc, span = _fwd_key_group(x_second, q_second, acc, span, parts, beta_ptr, qd_ptr, kd_ptr, total_ptr,
+                                   half_ptr, scale, i_c, i_h, KEYS, tile + KEYS, offsets, ok, rows, valid, H, K,
+                                   HAS_BETA, SWISH_Q, STORE_HALVES)
+
+    # A, causal (entries above the diagonal may have overflowed: masked, never summed), as hi + lo parts
+    t = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, PRODUCT))
+    s = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, PRODUCT))
+    a = gl.where(t[:, None] >= s[None, :], acc, 0.0)
+    a_hi = a.to(gl.bfloat16)
+    a_rows = a_ptr + ((t0 + t) * H + i_h)[:, None] * (2 * CHUNK) + s[None, :]
+    a_ok = (t0 + t < eos)[:, None] & (s < CHUNK)[None, :]
+    gl.store(a_rows, a_hi, mask=a_ok)
+    gl.store(a_rows + CHUNK, (a - a_hi.to(gl.float32)).to(gl.bfloat16), mask=a_ok)
+    gl.store(flag_ptr + i_c * H + i_h, gl.where(gl.max(span, axis=0) < FACTOR_SPAN, 0, 1))
