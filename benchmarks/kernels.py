@@ -121,8 +121,7 @@ def issue_and_device_ms(step, leaves, calls=10, graph=True):
         for _ in range(calls):
             fresh_step()
         torch.cuda.synchronize()
-    device_us = sum(getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
-                    for event in prof.key_averages())
+    device_us = sum(event.self_device_time_total for event in prof.key_averages())
     replay = math.nan
     if graph:
         try:

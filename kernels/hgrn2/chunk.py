@@ -52,6 +52,7 @@ from kernels.hgrn2.utils import (
     gate_log_f_and_k,
     make_sequences,
 )
+from kernels.launch import launch
 
 CHUNK = 64
 BF16_DOT_IN_INTERPRETER = False  # set by kernels.hgrn2.testing once the interpreter's bf16 tl.dot is patched
@@ -993,9 +994,9 @@ def _dbeta_row_groups() -> int:
 def _launch_tiers(kernel, grid, args, name: str, key_dim: int, tiers=(0, 1, 2), **options) -> None:
     """The launches of an intra kernel (the module docstring): tier 0 for every chunk; tiers 1 and 2 for the
     chunks flagged for them only (the others exit at once)."""
-    for tier, launch in _tier_launches(name, key_dim).items():
+    for tier, settings in _tier_launches(name, key_dim).items():
         if tier in tiers:
-            kernel[grid](*args, TIER=tier, **options, **launch)
+            launch(kernel, grid, args, TIER=tier, **options, **settings)
 
 
 @functools.cache
@@ -1061,9 +1062,8 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
                   seqs.cu_seqlens, seqs.chunks, scale)
     tiers = (0, 1, 2)
     if _gluon_fwd_tier0(q, key_dim):
-        _gluon_module().intra_fwd_tier0_kernel[(seqs.num_chunks, heads)](
-            *intra_args, H=heads, K=key_dim, HAS_BETA=has_beta, SWISH_Q=swish_q, STORE_HALVES=keep_states,
-            num_warps=4)
+        launch(_gluon_module().intra_fwd_tier0_kernel, (seqs.num_chunks, heads), intra_args, H=heads, K=key_dim,
+               HAS_BETA=has_beta, SWISH_Q=swish_q, STORE_HALVES=keep_states, num_warps=4)
         tiers = (1, 2)
     _launch_tiers(
         _intra_fwd_kernel, (seqs.num_chunks, heads), intra_args, "intra_fwd", key_dim, tiers, H=heads, K=key_dim,
@@ -1076,10 +1076,11 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     state_shape = (seqs.num_chunks, heads, key_dim, value_dim)
     states = empty(state_shape, _state_dtype(q.dtype), q.device) if keep_states else None
     block_v = _value_block(value_dim, seqs.num_seqs * heads, q.device)
-    _fwd_scan_kernel[(triton.cdiv(value_dim, block_v), seqs.num_seqs * heads)](
-        q_dec, k_dec, totals, i, a, o, initial_state if initial_state is not None else q,
-        final if final is not None else q, states if states is not None else q, seqs.cu_seqlens,
-        seqs.chunk_offsets, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v,
+    launch(
+        _fwd_scan_kernel, (triton.cdiv(value_dim, block_v), seqs.num_seqs * heads),
+        (q_dec, k_dec, totals, i, a, o, initial_state if initial_state is not None else q,
+         final if final is not None else q, states if states is not None else q, seqs.cu_seqlens,
+         seqs.chunk_offsets), H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v,
         HAS_H0=initial_state is not None, STORE_HT=final is not None, STORE_HS=keep_states, DOT=dot, PREC=prec,
         A_SPLIT=_a_split(dot),
         **_scan_launch(),
@@ -1106,16 +1107,18 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     dht_arg, dh0_arg = (dht if dht is not None else q), (dh0 if dh0 is not None else q)
     sizes = {"H": heads, "K": key_dim, "V": value_dim, "BT": CHUNK, "DOT": dot, "PREC": prec}
     ds = empty(states.shape, states.dtype, q.device)
-    _bwd_dstate_kernel[(num_v, seqs.num_seqs * heads)](
-        q_dec, do, totals, dht_arg, dh0_arg, ds, seqs.cu_seqlens, seqs.chunk_offsets, BV=block_v,
+    launch(
+        _bwd_dstate_kernel, (num_v, seqs.num_seqs * heads),
+        (q_dec, do, totals, dht_arg, dh0_arg, ds, seqs.cu_seqlens, seqs.chunk_offsets), BV=block_v,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **sizes, **_scan_launch(),
     )
     grad_options = _grad_options(q.dtype)
     split = grad_options["GRAD_SPLIT"]
     d_buffer = empty((seqs.num_chunks, heads, 2 if split else 1, CHUNK, CHUNK),
                      torch.bfloat16 if split else torch.float32, q.device)
-    _bwd_inter_kernel[(seqs.num_chunks, heads)](
-        i, do, states, ds, totals, dq_inter, dk_inter, dgc, d_buffer, k_dec, a, di, seqs.cu_seqlens, seqs.chunks,
+    launch(
+        _bwd_inter_kernel, (seqs.num_chunks, heads),
+        (i, do, states, ds, totals, dq_inter, dk_inter, dgc, d_buffer, k_dec, a, di, seqs.cu_seqlens, seqs.chunks),
         BV=min(CONFIG["inter_block_v"], value_dim), **sizes, num_warps=CONFIG["inter_warps"],
         num_stages=CONFIG["inter_stages"], SPLIT=split, A_SPLIT=_a_split(dot), **_maxnreg("inter_maxnreg"),
     )
@@ -1127,8 +1130,9 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     tiers = (0, 1, 2)
     if _gluon_tier0(q, key_dim, grad_options, row_groups):
         gluon = _gluon_module()
-        gluon.intra_bwd_tier0_kernel[(seqs.num_chunks * (key_dim // gluon.KEYS.value), heads)](
-            *intra_args[:3], *intra_args[5:], H=heads, K=key_dim, HAS_BETA=has_beta, SWISH_Q=swish_q, num_warps=4,
+        launch(
+            gluon.intra_bwd_tier0_kernel, (seqs.num_chunks * (key_dim // gluon.KEYS.value), heads),
+            (*intra_args[:3], *intra_args[5:]), H=heads, K=key_dim, HAS_BETA=has_beta, SWISH_Q=swish_q, num_warps=4,
             **_maxnreg("gluon_maxnreg"))
         tiers = (1, 2)
     _launch_tiers(

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.hgrn2.utils import check_decode_inputs, gate_log_f_and_k
+from kernels.launch import launch
 
 
 @triton.jit
@@ -60,8 +61,9 @@ def decode_hgrn2(
     # Small value blocks spread a small batch over more programs; the state is read once either way.
     block_v = min(value_dim, 32)
     beta = lower_bound if lower_bound is not None else q
-    _decode_kernel[(triton.cdiv(value_dim, block_v), batch * heads)](
-        q, f_logit, i, beta, state, out, scale, H=heads, K=key_dim, V=value_dim, BV=block_v,
+    launch(
+        _decode_kernel, (triton.cdiv(value_dim, block_v), batch * heads),
+        (q, f_logit, i, beta, state, out, scale), H=heads, K=key_dim, V=value_dim, BV=block_v,
         HAS_BETA=lower_bound is not None, num_warps=4,
     )
     return out

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import launch
+
 ROWS_PER_PROGRAM = 16  # backward: rows per program, so the weight-gradient partials stay few
 
 
@@ -61,7 +63,7 @@ class RMSNormTritonFunction(torch.autograd.Function):
         x2 = x.reshape(-1, n)
         y = torch.empty_like(x2)
         rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        _rms_norm_fwd_kernel[(x2.shape[0],)](x2, weight, y, rstd, eps, N=n, **_launch_width(n))
+        launch(_rms_norm_fwd_kernel, (x2.shape[0],), (x2, weight, y, rstd, eps), N=n, **_launch_width(n))
         ctx.save_for_backward(x2, weight, rstd)
         return y.reshape(x.shape)
 
@@ -73,8 +75,8 @@ class RMSNormTritonFunction(torch.autograd.Function):
         programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
         dx = torch.empty_like(x2)
         dw = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
-        _rms_norm_bwd_kernel[(programs,)](x2, weight, rstd, dy.reshape(-1, n).contiguous(), dx, dw, rows, N=n,
-                                          ROWS=ROWS_PER_PROGRAM, **_launch_width(n))
+        launch(_rms_norm_bwd_kernel, (programs,), (x2, weight, rstd, dy.reshape(-1, n).contiguous(), dx, dw, rows), N=n,
+               ROWS=ROWS_PER_PROGRAM, **_launch_width(n))
         return dx.reshape(dy.shape), dw.sum(0).to(weight.dtype), None
 
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import launch
+
 BLOCK = 2048
 
 
@@ -40,7 +42,7 @@ class SwishProductTritonFunction(torch.autograd.Function):
     def forward(ctx, gate, up):
         y = torch.empty_like(gate)
         n = gate.numel()
-        _swish_product_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=8)
+        launch(_swish_product_fwd_kernel, (triton.cdiv(n, BLOCK),), (gate, up, y, n), BLOCK=BLOCK, num_warps=8)
         ctx.save_for_backward(gate, up)
         return y
 
@@ -49,8 +51,8 @@ class SwishProductTritonFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
-        _swish_product_bwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, dy.contiguous(), dgate, dup, n, BLOCK=BLOCK,
-                                                             num_warps=8)
+        launch(_swish_product_bwd_kernel, (triton.cdiv(n, BLOCK),), (gate, up, dy.contiguous(), dgate, dup, n),
+               BLOCK=BLOCK, num_warps=8)
         return dgate, dup
 
 
