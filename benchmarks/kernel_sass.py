@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_sass.py [--kernels intra_fwd,fwd_scan,bwd_dstate,intra_bwd,bwd_inter,
                                                 intra_fwd_gluon,intra_bwd_gluon]
-                                     [--config '{"intra_bwd_warps": 8}'] [--tier 0|1|2]
+                                     [--config '{"intra_bwd_warps": 8}'] [--tier 0|1]
 
 At the benchmark's first shape (H 16, n 128, bf16 inputs, with a lower bound) and the launch settings of
 ``kernels.hgrn2.chunk.CONFIG`` (updated by ``--config``), each kernel is compiled with Triton for sm_90 and
@@ -73,7 +73,7 @@ def kernel_specs(tier: int) -> dict:
     scan_launch = {"num_warps": config["scan_warps"], "num_stages": config["scan_stages"],
                    "maxnreg": config["scan_maxnreg"]}
     return {
-        "intra_fwd": (chunk._intra_fwd_kernel, intra_fwd,
+        "intra_fwd": (chunk._intra_fwd_kernel, {**intra_fwd, "n_flags": "i32"},
                       {"H": HEADS, "K": DIM, "BT": chunk.CHUNK, "BC": SUB_CHUNK, "BK": tiers["intra_fwd"]["BK"],
                        "HAS_BETA": True, **dots, **chunk._gate_options(),
                        "A_PREC_SPLIT": chunk._a_prec_split(tl.bfloat16), "TIER": tier, "SWISH_Q": True,
@@ -86,7 +86,7 @@ def kernel_specs(tier: int) -> dict:
         "bwd_dstate": (chunk._bwd_dstate_kernel, dstate,
                        {**SIZES, "BV": chunk._value_block(DIM), "HAS_DHT": False, "STORE_DH0": False, **dots},
                        scan_launch),
-        "intra_bwd": (chunk._intra_bwd_kernel, intra_bwd,
+        "intra_bwd": (chunk._intra_bwd_kernel, {**intra_bwd, "n_flags": "i32"},
                       {**SIZES, "BC": SUB_CHUNK, "BK": tiers["intra_bwd"]["BK"], "HAS_BETA": True,
                        **dots, **chunk._grad_options(torch.bfloat16), **chunk._gate_options(),
                        "TIER": tier, "SWISH_Q": True, "KEY_GROUPS": config["intra_bwd_key_groups"],
@@ -164,7 +164,8 @@ def main() -> None:
     parser.add_argument("--kernels", default="intra_fwd,fwd_scan,bwd_dstate,intra_bwd,bwd_inter")
     parser.add_argument("--config", default="{}", help="a JSON dict merged into kernels.hgrn2.chunk.CONFIG")
     parser.add_argument("--lines", type=int, default=15, help="source lines to list per kernel")
-    parser.add_argument("--tier", type=int, default=0, choices=(0, 1, 2), help="launch of the intra kernels")
+    parser.add_argument("--tier", type=int, default=0, choices=(0, 1),
+                        help="launch of the intra kernels: tier 0 or the rare tiers")
     args = parser.parse_args()
     chunk.CONFIG.update(json.loads(args.config))
     specs = kernel_specs(args.tier)

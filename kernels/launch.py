@@ -22,7 +22,9 @@ import torch
 from triton import knobs
 from triton.runtime.driver import driver
 
-_compiled: dict[tuple, tuple] = {}  # configuration key -> (compiled kernel, the arguments after the positional ones)
+# configuration key -> (launcher, its arguments between the stream and the kernel's, the kernel's arguments after
+# the positional ones)
+_compiled: dict[tuple, tuple] = {}
 
 
 def _argument_key(value) -> object:
@@ -43,22 +45,37 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, **kwargs) -> None:
     if _hooks_set():
         kernel[grid](*args, **kwargs)
         return
-    key = (id(kernel), tuple(kwargs.items()), tuple(map(_argument_key, args)))
+    device = _current_device()
+    # the device too: a compiled kernel's function handle belongs to the device it was loaded on
+    key = (id(kernel), device, tuple(kwargs.items()), tuple(map(_argument_key, args)))
     found = _compiled.get(key)
     if found is None:
         compiled = kernel[grid](*args, **kwargs)
         if hasattr(compiled, "packed_metadata"):  # not under the interpreter
-            _compiled[key] = (compiled, _trailing_arguments(kernel, len(args), kwargs))
+            _compiled[key] = (*_launcher(compiled), _trailing_arguments(kernel, len(args), kwargs))
         return
-    compiled, trailing = found
+    launcher, middle, trailing = found
     grid = (*grid, 1, 1)
-    compiled.run(grid[0], grid[1], grid[2], _current_stream(), compiled.function, compiled.packed_metadata, None,
-                 None, None, *args, *trailing)
+    launcher(grid[0], grid[1], grid[2], driver.active.get_current_stream(device), *middle, *args, *trailing)
 
 
-def _current_stream() -> int:
-    """The stream Triton's own launch would take: the current one of the current device."""
-    return driver.active.get_current_stream(driver.active.get_current_device())
+def _launcher(compiled) -> tuple:
+    """The compiled kernel's launcher and the arguments it takes between the stream and the kernel's own (no
+    launch metadata, no hooks). Triton 3.6's CudaLauncher wraps a C function in Python that only allocates the
+    scratch memory a kernel may need: the C function is taken directly when the kernel needs none."""
+    run = compiled.run
+    tail = (compiled.packed_metadata, None, None, None)
+    if getattr(run, "global_scratch_size", None) == 0 and getattr(run, "profile_scratch_size", None) == 0:
+        try:
+            return run.launch, (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None, *tail)
+        except AttributeError:
+            pass
+    return run, (compiled.function, *tail)
+
+
+def _current_device() -> int:
+    """The device Triton's own launch would take (its kernels run on the current stream of the current device)."""
+    return driver.active.get_current_device()
 
 
 def _hooks_set() -> bool:

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import triton.language as tl
 
 from kernels.hgrn2.naive import hgrn2_recurrent_reference
 from kernels.hgrn2.testing import interpreted_kernels, poisoned_buffers, relative_error
@@ -155,15 +156,22 @@ def test_chunk_extreme_gates(shift, spread, bounded):
         assert error <= 1e-5 * scale, f"seed {seed}: |d f_logit error| {error:.1e} > 1e-5 * {scale:.1e}"
 
 
-@pytest.mark.parametrize("whole_chunk,key_groups", [(True, 2), (False, 2), (True, 1)])
-def test_chunk_tiers_mixed_in_one_chunk(whole_chunk, key_groups, monkeypatch):
+@pytest.mark.parametrize("whole_chunk,key_groups,flag_block", [(True, 2, 32), (False, 2, 32), (True, 1, 32),
+                                                               (True, 2, 4)])
+def test_chunk_tiers_mixed_in_one_chunk(whole_chunk, key_groups, flag_block, monkeypatch):
     """The intra kernels run in three tiers per key block (chunk._whole_chunk_level, chunk._subchunk_level): the
     whole chunk factored about its middle (tier 0), 16-row sub-chunks (tier 1), the diagonal sub-chunks column
     by column (tier 2). Head 0 mixes them inside its chunks (key columns 16-31 decay ~3 a step: tier 1; columns
     32-47 ~6 a step in the second chunk only: tier 2 there); head 1 is tier 0 throughout (tier 1 with
     CONFIG["whole_chunk"] off). Checks the result and the tier flags that the forward finds and the backward
     reuses; with key_groups 2 the backward takes two programs per chunk (the tier-1 columns in the first, the
-    tier-2 ones in the second)."""
+    tier-2 ones in the second). With flag_block 4 the rare tiers' launch has two programs, the second with two
+    of the six (chunk, head) flags, and flagged chunks in both (chunk.FLAG_BLOCK; the interpreter reads it at
+    each launch)."""
+    if flag_block != chunk.FLAG_BLOCK.value:
+        if torch.cuda.is_available():
+            pytest.skip("compiled kernels keep the FLAG_BLOCK they were compiled with")
+        monkeypatch.setattr(chunk, "FLAG_BLOCK", tl.constexpr(flag_block))
     monkeypatch.setitem(chunk.CONFIG, "whole_chunk", whole_chunk)
     monkeypatch.setitem(chunk.CONFIG, "intra_bwd_key_groups", key_groups)
     seed, inputs = _inputs(1, 150, 2, 64, 32, False, True, 1)

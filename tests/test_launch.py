@@ -33,7 +33,9 @@ class StandInKernel:
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.setattr(launch_module, "_current_stream", lambda: 7)
+    monkeypatch.setattr(launch_module, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch_module, "driver", SimpleNamespace(active=SimpleNamespace(
+        get_current_stream=lambda device: 7)))
     monkeypatch.setattr(launch_module, "_compiled", {})
     return StandInKernel()
 
@@ -49,6 +51,18 @@ def test_second_launch_goes_straight_to_the_compiled_kernel(kernel):
     assert call == (4, 2, 1, 7, "fn", "meta", None, None, None, x, 6, 16, False)
 
 
+def test_scratch_free_kernels_skip_the_python_wrapper(kernel):
+    """A launcher with Triton 3.6's CudaLauncher attributes and no scratch memory: its C launch is called directly,
+    with the cooperative-grid and PDL settings and no scratch buffers."""
+    c_calls = []
+    kernel.compiled.run = SimpleNamespace(global_scratch_size=0, profile_scratch_size=0, launch_cooperative_grid=False,
+                                          launch_pdl=True, launch=lambda *args: c_calls.append(args))
+    x = torch.zeros(64)
+    launch(kernel, (3,), (x, 5), BLOCK=16)
+    launch(kernel, (3,), (x, 5), BLOCK=16)
+    assert c_calls == [(3, 1, 1, 7, "fn", False, True, None, None, "meta", None, None, None, x, 5, 16, False)]
+
+
 @pytest.mark.parametrize("change", ["dtype", "alignment", "one", "divisibility", "constexpr", "option"])
 def test_a_change_triton_specializes_on_goes_through_the_jit(kernel, change):
     x = torch.zeros(64)
@@ -58,6 +72,14 @@ def test_a_change_triton_specializes_on_goes_through_the_jit(kernel, change):
                "option": {"kwargs": {"BLOCK": 16, "num_warps": 8}}}[change]
     launch(kernel, (1,), base["args"], **base["kwargs"])
     launch(kernel, (1,), changed.get("args", base["args"]), **changed.get("kwargs", base["kwargs"]))
+    assert len(kernel.jit_calls) == 2 and not kernel.direct_calls
+
+
+def test_another_device_goes_through_the_jit(kernel, monkeypatch):
+    x = torch.zeros(64)
+    launch(kernel, (1,), (x, 32), BLOCK=16)
+    monkeypatch.setattr(launch_module, "_current_device", lambda: 1)
+    launch(kernel, (1,), (x, 32), BLOCK=16)
     assert len(kernel.jit_calls) == 2 and not kernel.direct_calls
 
 

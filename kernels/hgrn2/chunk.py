@@ -16,8 +16,9 @@ inside the chunk:
           of m) * exp(decay from s to the end of j), all <= 1, a sub-chunk with itself through its own start;
   tier 2: otherwise; as tier 1, but the diagonal sub-chunks are summed one column at a time (exp of
           differences, <= 1).
-Each tier is its own launch (tier 0 for every chunk, flagging the chunks that need more; tier 1 for those,
-flagging the ones that need tier 2), so the rare paths' registers cost the common one nothing.
+Tier 0 is one launch, a program per chunk, flagging the chunks that need more; tiers 1 and 2, rare, share a
+second launch whose programs each look at FLAG_BLOCK flags and exit when none is raised (~2 µs; with a program
+per chunk each rare launch took 6-12 µs, v16). The rare paths' registers cost the common one nothing.
 The decayed q^ * exp(cum) and k * exp(cum_last - cum) that the scans multiply are written by the intra
 kernel (input dtype); of the cumulative decays only per-chunk vectors leave the chip (the chunk's total, and
 its first half's for the backward's tier 0).
@@ -59,6 +60,8 @@ BF16_DOT_IN_INTERPRETER = False  # set by kernels.hgrn2.testing once the interpr
 # A sub-chunk whose log-decay spans less than this (in every key column) takes the factored diagonal:
 # k exp(-cum) <= e^60 |k| cannot overflow, and every product stays accurate term by term.
 FACTOR_SPAN = tl.constexpr(60.0)
+# (chunk, head) flags per program of the rare tiers' launch (_rare_items)
+FLAG_BLOCK = tl.constexpr(32)
 # Launch settings (warps, software-pipelining stages); the benchmark tries variants through this dict.
 # *_maxnreg caps registers per thread (None: ptxas decides); picked from ptxas spill reports and GPU sweeps
 # (docs/kernels.md).
@@ -77,8 +80,8 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # _inter_dtype.
 # intra_bwd_key_groups: programs per chunk of the intra backward (_intra_bwd_kernel; v13: 2 gave 1.903 against
 # 1.936 ms with 1, 1.947 with 4: a fuller last wave). dbeta_row_groups: _dbeta_row_groups.
-# intra_*0: the intra kernels' tier-0 launch; intra_* without the 0: tiers 1 and 2 (tier 2, the
-# column-at-a-time loop, uncapped); _tier_launches. intra_bwd_stages0 1: tier 0 of the backward unpipelined
+# intra_*0: the intra kernels' tier-0 launch; intra_* without the 0: the launch of tiers 1 and 2 (uncapped: tier
+# 2's column-at-a-time loop is in it); _tier_launches. intra_bwd_stages0 1: tier 0 of the backward unpipelined
 # (Triton's pipelining of its loop-invariant D loads took 110 KB of shared memory: 2.78 against 2.28 ms; v12).
 # whole_chunk: False turns tier 0's factorisation off (every chunk then takes tier 1 or 2: slower, but a way
 # around a compiler that mistranslates tier 0; v11).
@@ -86,7 +89,7 @@ FACTOR_SPAN = tl.constexpr(60.0)
 # ~0.70 ms at the first shape); gluon_maxnreg caps its registers (255 uncapped, 2 programs per SM; caps of
 # 232 / 200 / 168 spill 156 / 620 / 1,020 B and did not measure faster, v15).
 CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_warps": 4,
-          "block_v": None, "intra_fwd_maxnreg": 168, "intra_bwd_maxnreg": 168,
+          "block_v": None, "intra_fwd_maxnreg": None, "intra_bwd_maxnreg": None,
           "intra_fwd_maxnreg0": 128, "intra_bwd_maxnreg0": 168, "intra_fwd_block_k0": 16,
           "intra_bwd_block_k0": 16, "intra_fwd_warps0": 4, "intra_bwd_warps0": 4, "scan_maxnreg": None,
           "inter_warps": 8, "inter_block_v": 64, "inter_maxnreg": 128, "inter_stages": 2, "intra_fwd_stages": None,
@@ -289,34 +292,51 @@ def _sum_column_blocks(x, BT: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _intra_fwd_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, half_ptr, flag_ptr, cu_ptr, chunks_ptr,
-                      scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                      scale, n_flags, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                       BK: tl.constexpr, HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                       FAST_MATH: tl.constexpr, A_PREC_SPLIT: tl.constexpr, TIER: tl.constexpr,
                       SWISH_Q: tl.constexpr, WHOLE: tl.constexpr, A_SPLIT: tl.constexpr, STORE_HALVES: tl.constexpr):
     """One chunk: A [BT, BT], the scan's operands q^ exp(cum) and k exp(cum_last - cum), and the chunk's total
     log-decay, BK key columns at a time (the gates of each row computed once).
 
-    Launched once per tier (the module docstring). Tier 0 runs every chunk with the whole-chunk factorisation
-    (_intra_fwd_chunk_whole) and stores in flag_ptr 0 if every key block took it (_whole_chunk_level), else 1.
-    Tier 1 redoes the chunks flagged 1 with the sub-chunk factorisation (_intra_fwd_chunk) and raises the flag
-    to 2 if a key block needs the column-at-a-time loop for its diagonal sub-chunks (_subchunk_level); tier 2
-    redoes those (launches run in stream order). Each overwrites the outputs of the tier before. Each
-    tier's registers are its own: the rare paths cost the common one nothing.
+    Launched twice (the module docstring). TIER 0: one program per (chunk, head), the whole-chunk
+    factorisation (_intra_fwd_chunk_whole), storing in flag_ptr 0 if every key block took it
+    (_whole_chunk_level), else 1. TIER 1 (the rare tiers, after it in stream order): each program looks at
+    FLAG_BLOCK (chunk, head) flags (_rare_items) and redoes those flagged 1 with the sub-chunk factorisation
+    (_intra_fwd_chunk), then, if a key block needs the column-at-a-time loop for its diagonal sub-chunks
+    (_subchunk_level), with that loop, raising the flag to 2 for the backward. Each overwrites the outputs of
+    the one before. The rare tiers' registers are their own: they cost the common path nothing, and their
+    launch, FLAG_BLOCK times smaller than a program per chunk, costs ~2 µs when no chunk needs it.
     """
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    flag_ptr += i_c * H + i_h
     if TIER == 0:
+        i_c, i_h = tl.program_id(0), tl.program_id(1)
         level = _intra_fwd_chunk_whole(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, half_ptr, cu_ptr,
                                       chunks_ptr, scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_MATH,
                                       A_PREC_SPLIT, SWISH_Q, WHOLE, A_SPLIT, STORE_HALVES)
-        tl.store(flag_ptr, level)
+        tl.store(flag_ptr + i_c * H + i_h, level)
     else:
-        if tl.load(flag_ptr) == TIER:
-            level = _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr,
-                                     scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_MATH, A_PREC_SPLIT,
-                                     TIER == 2, SWISH_Q, A_SPLIT)
-            if TIER == 1 and level == 2:
-                tl.store(flag_ptr, level)
+        first = tl.program_id(0) * FLAG_BLOCK
+        for j in range(_rare_items(flag_ptr, first, n_flags)):
+            item = first + j
+            if tl.load(flag_ptr + item) == 1:
+                i_c, i_h = item // H, item % H
+                level = _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr,
+                                         chunks_ptr, scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC,
+                                         FAST_MATH, A_PREC_SPLIT, False, SWISH_Q, A_SPLIT)
+                if level == 2:
+                    _intra_fwd_chunk(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, cu_ptr, chunks_ptr,
+                                     scale, i_c, i_h, H, K, BT, BC, BK, HAS_BETA, DOT, PREC, FAST_MATH,
+                                     A_PREC_SPLIT, True, SWISH_Q, A_SPLIT)
+                    tl.store(flag_ptr + item, 2)
+
+
+@triton.jit
+def _rare_items(flag_ptr, first, n_flags):
+    """How many of the FLAG_BLOCK (chunk, head) flags from ``first`` on a rare-tier program walks: 0 when none
+    of them is raised (one vector load, the common case), else all of them that exist."""
+    items = first + tl.arange(0, FLAG_BLOCK)
+    raised = tl.max(tl.load(flag_ptr + items, mask=items < n_flags, other=0), 0) > 0
+    return tl.where(raised, tl.minimum(n_flags - first, FLAG_BLOCK), 0)
 
 
 @triton.jit
@@ -636,7 +656,8 @@ def _bwd_inter_kernel(v_ptr, do_ptr, hs_ptr, ds_ptr, total_ptr, dq_ptr, dk_ptr, 
 @triton.jit
 def _store_d(d_ptr, d, i_c, i_h, rows, H: tl.constexpr, BT: tl.constexpr, SPLIT: tl.constexpr):
     """D = do i^T of one chunk, causal, for the intra backward's tier 0 (as hi and lo bf16 parts with SPLIT,
-    else fp32): [chunks, H, parts, BT, BT]."""
+    else fp32): [chunks, H, parts, BT, BT]. (Stored with rows and columns in the Gluon tier 0's order, the
+    scattered stores took this kernel from 0.29 to 0.68 ms; v16.)"""
     PARTS: tl.constexpr = 2 if SPLIT else 1
     base = d_ptr + (i_c.to(tl.int64) * H + i_h) * (PARTS * BT * BT)
     _store_parts(base, rows[:, None] * BT + rows[None, :], tl.where(rows[:, None] >= rows[None, :], d, 0.0),
@@ -645,7 +666,7 @@ def _store_d(d_ptr, d, i_c, i_h, rows, H: tl.constexpr, BT: tl.constexpr, SPLIT:
 
 @triton.jit
 def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr, total_ptr,
-                      dq_out_ptr, dx_ptr, dbeta_ptr, flag_ptr, cu_ptr, chunks_ptr, scale, H: tl.constexpr,
+                      dq_out_ptr, dx_ptr, dbeta_ptr, flag_ptr, cu_ptr, chunks_ptr, scale, n_flags, H: tl.constexpr,
                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       HAS_BETA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                       GRAD_PREC: tl.constexpr, FAST_MATH: tl.constexpr, GRAD_SPLIT: tl.constexpr,
@@ -662,27 +683,29 @@ def _intra_bwd_kernel(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_p
     every token for d beta; bf16-rounded operands made d beta 20x and tf32 ones (wgmma truncates) 3x less
     accurate than fla's, the split 1.6x more accurate, and faster than tf32 (docs/kernels.md, v7).
 
-    Launched once per tier; flag_ptr holds each chunk's tier as the forward found it (the same gates give the
-    same tiers here). Tier 0 does the chunks of tier 0, all key blocks, with no test of its own; tiers 1 and 2
-    the other chunks, each the key blocks whose _subchunk_level is its own.
+    Launched twice; flag_ptr holds each chunk's tier as the forward found it (the same gates give the same
+    tiers here). TIER 0 does the chunks of tier 0, all key blocks, with no test of its own; TIER 1 (the rare
+    tiers, as in _intra_fwd_kernel: FLAG_BLOCK chunks per program) the other chunks, each key block by its own
+    _subchunk_level.
 
-    Key blocks are independent here: KEY_GROUPS programs share a chunk (neighbours in launch order, so D stays
-    in L2), each K / KEY_GROUPS key columns."""
-    i_c, i_h = tl.program_id(0) // KEY_GROUPS, tl.program_id(1)
-    k_first = (tl.program_id(0) % KEY_GROUPS) * (K // KEY_GROUPS)
-    flag = tl.load(flag_ptr + i_c * H + i_h)
+    Key blocks are independent here: KEY_GROUPS programs share a chunk (neighbours in launch order at TIER 0,
+    so D stays in L2), each K / KEY_GROUPS key columns."""
     if TIER == 0:
-        if flag == 0:
+        i_c, i_h = tl.program_id(0) // KEY_GROUPS, tl.program_id(1)
+        if tl.load(flag_ptr + i_c * H + i_h) == 0:
             _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr,
-                             total_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H,
-                             K, V, BT, BC, BK, HAS_BETA, DOT, PREC, GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q,
-                             KEY_GROUPS, ROW_GROUPS)
+                             total_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h,
+                             (tl.program_id(0) % KEY_GROUPS) * (K // KEY_GROUPS), H, K, V, BT, BC, BK, HAS_BETA, DOT,
+                             PREC, GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q, KEY_GROUPS, ROW_GROUPS)
     else:
-        if flag >= TIER:
-            _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr,
-                             total_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H,
-                             K, V, BT, BC, BK, HAS_BETA, DOT, PREC, GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q,
-                             KEY_GROUPS, ROW_GROUPS)
+        first = tl.program_id(0) * FLAG_BLOCK
+        for j in range(_rare_items(flag_ptr, first, n_flags)):
+            item = first + j
+            if tl.load(flag_ptr + item) > 0:
+                _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr,
+                                 total_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, cu_ptr, chunks_ptr, scale, item // H,
+                                 item % H, tl.program_id(1) * (K // KEY_GROUPS), H, K, V, BT, BC, BK, HAS_BETA, DOT,
+                                 PREC, GRAD_PREC, FAST_MATH, GRAD_SPLIT, TIER, SWISH_Q, KEY_GROUPS, ROW_GROUPS)
 
 
 @triton.jit
@@ -693,8 +716,8 @@ def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_pt
                      DOT: tl.constexpr, PREC: tl.constexpr, GRAD_PREC: tl.constexpr, FAST_MATH: tl.constexpr,
                      GRAD_SPLIT: tl.constexpr, TIER: tl.constexpr, SWISH_Q: tl.constexpr, KEY_GROUPS: tl.constexpr,
                      ROW_GROUPS: tl.constexpr):
-    """_intra_bwd_kernel's work on one chunk, key columns k_first to k_first + K / KEY_GROUPS: every key block
-    (tier 0) or those of sub-chunk level TIER."""
+    """_intra_bwd_kernel's work on one chunk, key columns k_first to k_first + K / KEY_GROUPS, every key block by
+    the whole-chunk factorisation (TIER 0) or by its sub-chunk level (TIER 1: tier 1 or 2)."""
     seq, c = tl.load(chunks_ptr + 2 * i_c), tl.load(chunks_ptr + 2 * i_c + 1)
     bos, eos = _seq_bounds(cu_ptr, seq)
     t0 = bos + c * BT
@@ -720,14 +743,17 @@ def _intra_bwd_chunk(q_ptr, x_ptr, beta_ptr, v_ptr, do_ptr, d_ptr, dq_ptr, dk_pt
                               inter, i_c, i_h, row_base, row_ok, cols, scale, H, K, BT, BK, HAS_BETA, SWISH_Q,
                               FAST_MATH, ROW_GROUPS)
         else:
-            if _subchunk_level(tl.sum(tl.reshape(log_f, [BT // BC, BC, BK]), 1)) == TIER:
-                q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
+            q = _load_q(q_ptr, row_base, row_ok, cols, scale, SWISH_Q, FAST_MATH)
+            if _subchunk_level(tl.sum(tl.reshape(log_f, [BT // BC, BC, BK]), 1)) == 1:
                 dq, dk, exp_cum, exp_to_end = _intra_bwd_sub_chunks(q, log_f, k, d_causal, rows, BT, BC, BK,
-                                                                    GRAD_PREC, GRAD_SPLIT, TIER == 2, FAST_MATH)
-                inter = _stored_inter_parts(dq_ptr, dk_ptr, dgc_ptr, i_c, i_h, row_base, row_ok, cols, H, K)
-                _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk, exp_cum,
-                                  exp_to_end, inter, i_c, i_h, row_base, row_ok, cols, scale, H, K, BT, BK, HAS_BETA,
-                                  SWISH_Q, FAST_MATH, ROW_GROUPS)
+                                                                    GRAD_PREC, GRAD_SPLIT, False, FAST_MATH)
+            else:
+                dq, dk, exp_cum, exp_to_end = _intra_bwd_sub_chunks(q, log_f, k, d_causal, rows, BT, BC, BK,
+                                                                    GRAD_PREC, GRAD_SPLIT, True, FAST_MATH)
+            inter = _stored_inter_parts(dq_ptr, dk_ptr, dgc_ptr, i_c, i_h, row_base, row_ok, cols, H, K)
+            _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, k, dq, dk, exp_cum,
+                              exp_to_end, inter, i_c, i_h, row_base, row_ok, cols, scale, H, K, BT, BK, HAS_BETA,
+                              SWISH_Q, FAST_MATH, ROW_GROUPS)
 
 
 @triton.jit
@@ -864,7 +890,7 @@ def _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, 
     if HAS_BETA:
         contribution = tl.where(row_ok[:, None], grad_log_f * dlogf_dbeta + dk * dk_dbeta, 0.0)
         partial = tl.sum(tl.reshape(contribution, [ROW_GROUPS, BT // ROW_GROUPS, BK]), 1)
-        group = (i_c.to(tl.int64) * H + i_h) * ROW_GROUPS + tl.arange(0, ROW_GROUPS)
+        group = (i_c.to(tl.int64) * ROW_GROUPS + tl.arange(0, ROW_GROUPS)) * H + i_h
         tl.store(dbeta_ptr + group[:, None] * K + cols[None, :], partial)
 
 
@@ -957,16 +983,15 @@ def _stages(name: str) -> dict:
 
 
 def _tier_launches(name: str, key_dim: int) -> dict:
-    """Launch settings per tier of an intra kernel (``name``: "intra_fwd" or "intra_bwd"): key columns per
-    step, warps and register cap from CONFIG[name + "_block_k0" / "_warps0" / "_maxnreg0"] for tier 0, from
-    CONFIG[name + "_block_k" / "_warps" / "_maxnreg"] for tier 1; tier 2 (the column-at-a-time loop) as tier 1,
-    uncapped."""
-    def settings(suffix: str, capped: bool) -> dict:
-        cap = CONFIG[name + "_maxnreg" + suffix] if capped else None
+    """Launch settings of an intra kernel's two launches (``name``: "intra_fwd" or "intra_bwd"), by TIER: key
+    columns per step, warps and register cap from CONFIG[name + "_block_k0" / "_warps0" / "_maxnreg0"] for tier
+    0; from CONFIG[name + "_block_k" / "_warps"] for the rare tiers, uncapped (tier 2's column-at-a-time loop
+    is among them)."""
+    def settings(suffix: str) -> dict:
         return {"BK": min(CONFIG[name + "_block_k" + suffix], key_dim), "num_warps": CONFIG[name + "_warps" + suffix],
-                **({} if cap is None else {"maxnreg": cap}), **_stages(name + "_stages" + suffix)}
+                **_maxnreg(name + "_maxnreg" + suffix), **_stages(name + "_stages" + suffix)}
 
-    return {0: settings("0", True), 1: settings("", True), 2: settings("", False)}
+    return {0: settings("0"), 1: settings("")}
 
 
 def _key_groups(key_dim: int) -> int:
@@ -991,12 +1016,15 @@ def _dbeta_row_groups() -> int:
     return groups
 
 
-def _launch_tiers(kernel, grid, args, name: str, key_dim: int, tiers=(0, 1, 2), **options) -> None:
-    """The launches of an intra kernel (the module docstring): tier 0 for every chunk; tiers 1 and 2 for the
-    chunks flagged for them only (the others exit at once)."""
+def _launch_tiers(kernel, grid, args, name: str, key_dim: int, seqs: Sequences, heads: int, key_groups: int = 1,
+                  tiers=(0, 1), **options) -> None:
+    """The launches of an intra kernel (the module docstring): tier 0, grid ``grid``, for every chunk; the rare
+    tiers for the chunks flagged for them, FLAG_BLOCK (chunk, head) pairs per program (times key_groups)."""
+    flags = seqs.num_chunks * heads
+    grids = {0: grid, 1: (triton.cdiv(flags, FLAG_BLOCK.value), key_groups)}
     for tier, settings in _tier_launches(name, key_dim).items():
         if tier in tiers:
-            launch(kernel, grid, args, TIER=tier, **options, **settings)
+            launch(kernel, grids[tier], (*args, flags), TIER=tier, **options, **settings)
 
 
 @functools.cache
@@ -1060,16 +1088,16 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     flags = empty((seqs.num_chunks, heads), torch.int32, q.device)
     intra_args = (q, f_logit, beta_arg, a, q_dec, k_dec, totals, halves if keep_states else totals, flags,
                   seqs.cu_seqlens, seqs.chunks, scale)
-    tiers = (0, 1, 2)
+    tiers = (0, 1)
     if _gluon_fwd_tier0(q, key_dim):
         launch(_gluon_module().intra_fwd_tier0_kernel, (seqs.num_chunks, heads), intra_args, H=heads, K=key_dim,
                HAS_BETA=has_beta, SWISH_Q=swish_q, STORE_HALVES=keep_states, num_warps=4)
-        tiers = (1, 2)
+        tiers = (1,)
     _launch_tiers(
-        _intra_fwd_kernel, (seqs.num_chunks, heads), intra_args, "intra_fwd", key_dim, tiers, H=heads, K=key_dim,
-        BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot, PREC=prec, A_PREC_SPLIT=_a_prec_split(dot),
-        SWISH_Q=swish_q, WHOLE=CONFIG["whole_chunk"], A_SPLIT=_a_split(dot), STORE_HALVES=keep_states,
-        **_gate_options(),
+        _intra_fwd_kernel, (seqs.num_chunks, heads), intra_args, "intra_fwd", key_dim, seqs, heads, 1, tiers,
+        H=heads, K=key_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot, PREC=prec,
+        A_PREC_SPLIT=_a_prec_split(dot), SWISH_Q=swish_q, WHOLE=CONFIG["whole_chunk"], A_SPLIT=_a_split(dot),
+        STORE_HALVES=keep_states, **_gate_options(),
     )
     o = empty(i.shape, i.dtype, i.device)
     final = empty((seqs.num_seqs, heads, key_dim, value_dim), torch.float32, q.device) if output_final_state else None
@@ -1124,23 +1152,24 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     )
     dq = empty(q.shape, q.dtype, q.device)
     dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
-    dbeta_chunks = empty((seqs.num_chunks, heads, row_groups, key_dim), torch.float32, q.device)
+    # d beta's partial sums, one per chunk and row group, summed below over a contiguous leading dimension
+    dbeta_chunks = empty((seqs.num_chunks * row_groups, heads, key_dim), torch.float32, q.device)
     intra_args = (q, f_logit, beta_arg, i, do, d_buffer, dq_inter, dk_inter, dgc, halves, totals, dq, dx, dbeta_chunks,
                   flags, seqs.cu_seqlens, seqs.chunks, scale)
-    tiers = (0, 1, 2)
+    tiers = (0, 1)
     if _gluon_tier0(q, key_dim, grad_options, row_groups):
         gluon = _gluon_module()
         launch(
             gluon.intra_bwd_tier0_kernel, (seqs.num_chunks * (key_dim // gluon.KEYS.value), heads),
             (*intra_args[:3], *intra_args[5:]), H=heads, K=key_dim, HAS_BETA=has_beta, SWISH_Q=swish_q, num_warps=4,
             **_maxnreg("gluon_maxnreg"))
-        tiers = (1, 2)
+        tiers = (1,)
     _launch_tiers(
-        _intra_bwd_kernel, (seqs.num_chunks * key_groups, heads), intra_args, "intra_bwd", key_dim, tiers,
-        H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot, PREC=prec,
-        SWISH_Q=swish_q, KEY_GROUPS=key_groups, ROW_GROUPS=row_groups, **grad_options, **_gate_options(),
+        _intra_bwd_kernel, (seqs.num_chunks * key_groups, heads), intra_args, "intra_bwd", key_dim, seqs, heads,
+        key_groups, tiers, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot,
+        PREC=prec, SWISH_Q=swish_q, KEY_GROUPS=key_groups, ROW_GROUPS=row_groups, **grad_options, **_gate_options(),
     )
-    dbeta = dbeta_chunks.sum((0, 2)) if has_beta else None
+    dbeta = dbeta_chunks.sum(0) if has_beta else None
     return dq, dx, di, dbeta, dh0
 
 

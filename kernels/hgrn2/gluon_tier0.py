@@ -53,7 +53,9 @@ ROWS = gl.BlockedLayout([2, 16], [8, 4], [4, 1], [1, 0])
 IO = gl.DistributedLinearLayout(reg_bases=[[1, 0], [0, 1], [0, 2], [0, 4], [0, 8]],
                                 lane_bases=[[0, 16], [0, 32], [2, 0], [4, 0], [8, 0]],
                                 warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 64])
-D_LOAD = gl.BlockedLayout([1, 2], [2, 16], [4, 1], [1, 0])
+# D's parts as _bwd_inter_kernel stores them ([t, s] row-major): 16-byte copies of 8 columns, then read back
+D_COPY = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+D_STAGED = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
 # The inputs' [key, row] tiles are copied to shared memory asynchronously when the program starts (16-byte copies
 # of 8 keys) and read from there in IO; the swizzle (16-byte pieces of a row XORed with row / 8) puts the rows
 # 16 apart that one IO access reads into different banks (with row / 16: 2-way conflicts, Nsight Compute).
@@ -83,20 +85,26 @@ def to_products(x):
 
 
 @gluon.jit
-def _tau(n):
-    """The chunk row that product column (or contraction index) n stands for: n = 8j + 2q + e -> 16q + 2j + e."""
-    return ((n // 2) % 4) * 16 + (n // 8) * 2 + n % 2
+def _stage_d_part(d_ptr, i_c, i_h, part: gl.constexpr, H: gl.constexpr):
+    """Start copying one bf16 part of D ([chunks, H, 2, BT, BT], as _bwd_inter_kernel stores it) into shared
+    memory."""
+    t = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, D_COPY))
+    s = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, D_COPY))
+    base = d_ptr + ((i_c.to(gl.int64) * H + i_h) * 2 + part) * (CHUNK * CHUNK)
+    staged = gl.allocate_shared_memory(gl.bfloat16, [CHUNK, CHUNK], D_STAGED)
+    async_copy_global_to_shared(staged, base + t[:, None] * CHUNK + s[None, :])
+    return staged
 
 
 @gluon.jit
-def _d_part_in_shared(d_ptr, i_c, i_h, part: gl.constexpr, H: gl.constexpr):
-    """One bf16 part of D (as _bwd_inter_kernel stored it: [chunks, H, 2, BT, BT]) in shared memory, rows and
-    columns permuted by _tau: P[a, b] = D[tau(a), tau(b)]."""
-    a = _tau(gl.arange(0, CHUNK, layout=gl.SliceLayout(1, D_LOAD)))
-    b = _tau(gl.arange(0, CHUNK, layout=gl.SliceLayout(0, D_LOAD)))
-    base = d_ptr + ((i_c.to(gl.int64) * H + i_h) * 2 + part) * (CHUNK * CHUNK)
-    return gl.allocate_shared_memory(gl.bfloat16, [CHUNK, CHUNK], D_SHARED,
-                                     gl.load(base + a[:, None] * CHUNK + b[None, :]))
+def _permuted_d_part(staged):
+    """A staged part of D as the products take it: P[a, b] = D[tau(a), tau(b)] in shared memory (NVMMA). Chunk
+    row t = 16q + 2j + e is (q, j, e) in a [4, 8, 2] view; (j, q, e) is index 8j + 2q + e, the product column
+    that stands for t. (Gathered from memory in this order until v16: half the sectors' efficiency and a
+    synchronous load; stored in it by _bwd_inter_kernel, the scattered stores cost that kernel 0.39 ms.)"""
+    d = gl.reshape(staged.load(D_COPY), [4, 8, 2, 4, 8, 2])
+    d = gl.reshape(gl.permute(d, [1, 0, 2, 4, 3, 5]), [CHUNK, CHUNK])
+    return gl.allocate_shared_memory(gl.bfloat16, [CHUNK, CHUNK], D_SHARED, d)
 
 
 @gluon.jit
@@ -178,15 +186,14 @@ def _tier0_chunk(q_ptr, x_ptr, beta_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_pt
     tile = (t0 * H + i_h) * K + k_first  # the chunk's first row, this program's first key
     # every input in flight at once, in the order they are needed (three groups)
     x_staged = _stage(x_ptr + tile, t0, eos, H, K)
+    d_hi_staged = _stage_d_part(d_ptr, i_c, i_h, 0, H)
+    d_lo_staged = _stage_d_part(d_ptr, i_c, i_h, 1, H)
     commit_group()
     dq_staged = _stage(dq_ptr + tile, t0, eos, H, K)
     q_staged = _stage(q_ptr + tile, t0, eos, H, K)
     commit_group()
     dk_staged = _stage(dk_ptr + tile, t0, eos, H, K)
     commit_group()
-    d_hi = _d_part_in_shared(d_ptr, i_c, i_h, 0, H)
-    d_lo = _d_part_in_shared(d_ptr, i_c, i_h, 1, H)
-    fence_async_shared()
 
     # outputs: 32-bit offsets from the same base
     rows_io = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, IO))
@@ -202,6 +209,9 @@ def _tier0_chunk(q_ptr, x_ptr, beta_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_pt
         beta = gl.load(beta_ptr + i_h * K + keys)[:, None]
     first = gl.load(half_ptr + chunk_key)
     wait_group(2)
+    d_hi = _permuted_d_part(d_hi_staged)
+    d_lo = _permuted_d_part(d_lo_staged)
+    fence_async_shared()
     k, middle = _decays(_read(x_staged), beta, first, rows, valid)
     dq = _dot_split(k * fast_exp(gl.minimum(-middle, FACTOR_SPAN), True), d_hi.permute([1, 0]), d_lo.permute([1, 0]))
 
@@ -239,7 +249,7 @@ def _tier0_chunk(q_ptr, x_ptr, beta_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_pt
         partial = gl.sum(gl.reshape(contribution, [KEYS, 4, CHUNK // 4]), 2)
         groups = gl.arange(0, 4, layout=gl.SliceLayout(0, partial.type.layout))
         keys_p = k_first + gl.arange(0, KEYS, layout=gl.SliceLayout(1, partial.type.layout))
-        rows_p = (i_c.to(gl.int64) * H + i_h) * 4 + groups
+        rows_p = (i_c.to(gl.int64) * 4 + groups) * H + i_h
         gl.store(dbeta_ptr + rows_p[None, :] * K + keys_p[:, None], partial)
 
 
