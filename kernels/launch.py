@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from triton import knobs
 from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
 
 # configuration key -> (launcher, its arguments between the stream and the kernel's, the kernel's arguments after
 # the positional ones)
@@ -42,16 +43,18 @@ def _argument_key(value) -> object:
 def launch(kernel, grid: tuple[int, ...], args: tuple, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``: runtime arguments positional (tensors, None, numbers), constexprs and
     launch options (num_warps, num_stages, maxnreg) by keyword."""
-    if _hooks_set():
+    if not isinstance(kernel, JITFunction) or _hooks_set():  # interpreted (no device), or a hook to call
         kernel[grid](*args, **kwargs)
         return
     device = _current_device()
+    # plain tensors, most of the arguments, keyed inline: a function call per argument was a third of launch's time
+    arguments = [(a.dtype, a.data_ptr() % 16 == 0) if type(a) is torch.Tensor else _argument_key(a) for a in args]
     # the device too: a compiled kernel's function handle belongs to the device it was loaded on
-    key = (id(kernel), device, tuple(kwargs.items()), tuple(map(_argument_key, args)))
+    key = (id(kernel), device, tuple(kwargs.items()), *arguments)
     found = _compiled.get(key)
     if found is None:
         compiled = kernel[grid](*args, **kwargs)
-        if hasattr(compiled, "packed_metadata"):  # not under the interpreter
+        if hasattr(compiled, "packed_metadata"):  # a compiled kernel (not, say, a compilation still pending)
             _compiled[key] = (*_launcher(compiled), _trailing_arguments(kernel, len(args), kwargs))
         return
     launcher, middle, trailing = found

@@ -8,13 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from triton.runtime.jit import JITFunction
 
 from kernels import launch as launch_module
 from kernels.launch import launch
 
 
-class StandInKernel:
-    """A JIT function's interface as launch uses it: params, and kernel[grid](...) returning a compiled kernel."""
+class StandInKernel(JITFunction):
+    """A JIT function's interface as launch uses it: params, and kernel[grid](...) returning a compiled kernel
+    (JITFunction's own constructor, which parses a kernel's source, is not run)."""
 
     def __init__(self):
         self.params = [SimpleNamespace(name=name, default=default)
@@ -98,6 +100,15 @@ def test_launch_hooks_keep_tritons_path(kernel, monkeypatch):
     for _ in range(3):
         launch(kernel, (1,), (x, 32), BLOCK=16)
     assert len(kernel.jit_calls) == 3 and not kernel.direct_calls
+
+
+def test_interpreted_kernels_keep_tritons_path(kernel, monkeypatch):
+    """Under TRITON_INTERPRET=1 kernels are not JITFunctions and no device exists to key on."""
+    monkeypatch.setattr(launch_module, "JITFunction", type(None))
+    x = torch.zeros(64)
+    for _ in range(2):
+        launch(kernel, (1,), (x, 32), BLOCK=16)
+    assert len(kernel.jit_calls) == 2 and not kernel.direct_calls
 
 
 def test_no_hooks_by_default():

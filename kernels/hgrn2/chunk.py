@@ -23,14 +23,17 @@ The decayed q^ * exp(cum) and k * exp(cum_last - cum) that the scans multiply ar
 kernel (input dtype); of the cumulative decays only per-chunk vectors leave the chip (the chunk's total, and
 its first half's for the backward's tier 0).
 
-Launches, forward:  intra (gates, A, decayed q/k; parallel over chunks; three tiers) -> scan (sequential over
-                    chunks, state in registers).
+Launches, forward:  intra (gates, A, decayed q/k; parallel over chunks; tier 0, then the rare tiers; on Hopper
+                    with bf16 inputs tier 0 is the Gluon kernel of gluon_tier0.py, _gluon_fwd_tier0) -> scan
+                    (sequential over chunks, state in registers).
 Launches, backward: state-gradient scan (reverse, sequential over chunks: the state gradient at every chunk
                     end) -> inter-chunk dq, dk, the chunk-boundary log-decay gradient, D = do i^T for tier 0
                     and di (parallel over chunks) -> intra
                     (parallel over chunks and key groups: the intra-chunk parts of dq, dk; dq; the log-decay
-                    gradient; d f_logit, d beta; three tiers; on Hopper with bf16 inputs tier 0 is the Gluon
-                    kernel of gluon_tier0.py, _gluon_tier0).
+                    gradient; d f_logit, d beta; tier 0, then the rare tiers; on Hopper with bf16 inputs tier 0
+                    is the Gluon kernel of gluon_tier0.py, _gluon_tier0).
+Every launch goes through kernels.launch.launch (Triton's JIT path once per configuration, then the compiled
+kernel's launcher).
 """
 
 from __future__ import annotations
