@@ -124,6 +124,28 @@ def test_chunk_varlen_matches_separate_calls():
         assert relative_error(final[n : n + 1], final_n) <= 1e-6, f"seed {seed}, document {n}"
 
 
+def test_chunk_varlen_offsets_read_once_and_reread_after_an_in_place_change(monkeypatch):
+    """The host copy of cu_seqlens is kept for the tensor seen last (every layer passes the same one): a second
+    call reads nothing from the device, and an in-place change of the offsets is seen by the next call."""
+    from kernels.hgrn2 import utils
+
+    seed, inputs = _inputs(1, 99, 2, 16, 16, True, False, 3)
+    packed = {name: x.to(DEVICE) for name, x in inputs.items() if x is not None}
+    cu = torch.tensor([0, 17, 81, 99], dtype=torch.int32, device=DEVICE)
+    o_first, _ = chunk.chunk_hgrn2(**packed, cu_seqlens=cu)
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or [])  # any read would fail the call
+    o_again, _ = chunk.chunk_hgrn2(**packed, cu_seqlens=cu)
+    monkeypatch.undo()
+    assert not reads and torch.equal(o_first, o_again), f"seed {seed}"
+    cu.copy_(torch.tensor([0, 40, 60, 99], dtype=torch.int32))
+    o_moved, _ = chunk.chunk_hgrn2(**packed, cu_seqlens=cu)
+    fresh = torch.tensor([0, 40, 60, 99], dtype=torch.int32, device=DEVICE)
+    o_fresh, _ = chunk.chunk_hgrn2(**packed, cu_seqlens=fresh)
+    assert torch.equal(o_moved, o_fresh) and not torch.equal(o_moved, o_first), f"seed {seed}"
+    assert utils._last_offsets[0].cu_seqlens is fresh
+
+
 def test_chunk_custom_scale_and_no_final_state():
     seed, inputs = _inputs(1, 40, 2, 32, 32, True, False, 1)
     _check(inputs, seed, scale=0.3)

@@ -177,7 +177,8 @@ def check_chunk_inputs(q, f_logit, i, lower_bound, initial_state, cu_seqlens) ->
 def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None:
     """cu_seqlens: int32/int64, 1-D, starts at 0, strictly increasing, ends at T; batch must be 1.
 
-    Reads the offsets on the host (one device sync): the varlen grid needs them anyway.
+    Reads the offsets on the host (one device sync per cu_seqlens tensor, _host_offsets): the varlen grid needs
+    them anyway.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -187,7 +188,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None
         raise ValueError(f"cu_seqlens must be 1-D with at least 2 offsets, got shape {tuple(cu_seqlens.shape)}")
     if batch != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {batch}")
-    bounds = cu_seqlens.tolist()
+    bounds = _host_offsets(cu_seqlens).bounds
     if bounds[0] != 0 or bounds[-1] != seq_len:
         raise ValueError(f"cu_seqlens must start at 0 and end at T = {seq_len}, got {bounds[0]} ... {bounds[-1]}")
     if any(bounds[n + 1] <= bounds[n] for n in range(len(bounds) - 1)):
@@ -251,7 +252,36 @@ def make_sequences(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, ch
         if capturing or torch.compiler.is_compiling():  # tensors that belong to the graph or the trace
             return _dense_sequences.__wrapped__(batch, seq_len, chunk, device)
         return _dense_sequences(batch, seq_len, chunk, device)
-    bounds = cu_seqlens.tolist()
+    offsets = _host_offsets(cu_seqlens)
+    key = (chunk, torch.device(device))
+    if key not in offsets.sequences:
+        offsets.sequences[key] = _packed_sequences(offsets.bounds, chunk, device)
+    return offsets.sequences[key]
+
+
+@dataclass
+class _HostOffsets:
+    cu_seqlens: torch.Tensor
+    version: int  # cu_seqlens._version when read: an in-place change invalidates the copy
+    bounds: list[int]
+    sequences: dict  # (chunk, device) -> Sequences
+
+
+_last_offsets: list[_HostOffsets] = []  # at most one: the cu_seqlens tensor seen last
+
+
+def _host_offsets(cu_seqlens: torch.Tensor) -> _HostOffsets:
+    """cu_seqlens on the host, and the Sequences built from it, remembered for the last cu_seqlens tensor while
+    it is unmodified. The model passes one cu_seqlens to every layer (and again to the recomputation of
+    checkpointed layers): each call would otherwise wait for the GPU twice, to validate the offsets and to lay
+    the chunks out. The entry holds the tensor itself, so its identity cannot pass to another tensor."""
+    if _last_offsets and _last_offsets[0].cu_seqlens is cu_seqlens and _last_offsets[0].version == cu_seqlens._version:
+        return _last_offsets[0]
+    _last_offsets[:] = [_HostOffsets(cu_seqlens, cu_seqlens._version, cu_seqlens.tolist(), {})]
+    return _last_offsets[0]
+
+
+def _packed_sequences(bounds: list[int], chunk: int, device: torch.device) -> Sequences:
     lengths = [bounds[n + 1] - bounds[n] for n in range(len(bounds) - 1)]
     chunk_counts = [triton.cdiv(n, chunk) for n in lengths]
     pairs = [(n, j) for n, count in enumerate(chunk_counts) for j in range(count)]
