@@ -3,7 +3,7 @@
 Each ``kernel[grid](...)`` goes through Triton's JIT: it binds every argument, specializes each one, builds a
 cache key from all of them and the launch options, looks the compiled kernel up and only then launches it. On
 the H200's host this is ~65 µs per launch of the HGRN2 kernels (~20 arguments, ~20 constexprs; Triton 3.6),
-which made one forward+backward of the chunk kernels (9 launches) host-bound: 1.46 ms to issue against 1.19 ms
+which made one forward+backward of the chunk kernels (9 launches then) host-bound: 1.46 ms to issue against 1.19 ms
 of GPU work (docs/kernels.md, v16). ``launch`` keeps the compiled kernel per call configuration after Triton's
 first launch and afterwards calls its launcher directly.
 
