@@ -1041,25 +1041,28 @@ def _gluon_module():
     return gluon_tier0
 
 
+def _gluon_applies(q: torch.Tensor) -> bool:
+    """What both Gluon tier-0 kernels need: compiled (not interpreted) on Hopper (sm_90), bf16 inputs, the
+    hardware gate math, and a Triton whose Gluon has what they use."""
+    return (q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
+            and _gate_options()["FAST_MATH"] and _gluon_module() is not None)
+
+
 def _gluon_fwd_tier0(q: torch.Tensor, key_dim: int) -> bool:
     """Whether tier 0 of the intra forward runs as the Gluon kernel (gluon_tier0.intra_fwd_tier0_kernel;
-    CONFIG["gluon_fwd_tier0"]): on Hopper, for bf16 inputs with A kept as hi + lo parts of split products, the
-    hardware gate math, the whole-chunk factorisation and K of 64 or 128."""
-    dot = _dot_config(q.dtype)[0]
-    return (CONFIG["gluon_fwd_tier0"] and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
-            and _a_prec_split(dot) and _gate_options()["FAST_MATH"] and CONFIG["whole_chunk"]
-            and key_dim in (64, 128) and _gluon_module() is not None)
+    CONFIG["gluon_fwd_tier0"]): where _gluon_applies, with A kept as hi + lo parts of split products, the
+    whole-chunk factorisation and K of 64 or 128."""
+    return (CONFIG["gluon_fwd_tier0"] and _a_prec_split(_dot_config(q.dtype)[0]) and CONFIG["whole_chunk"]
+            and key_dim in (64, 128) and _gluon_applies(q))
 
 
 def _gluon_tier0(q: torch.Tensor, key_dim: int, grad_options: dict, row_groups: int) -> bool:
     """Whether tier 0 of the intra backward runs as the Gluon kernel (kernels/hgrn2/gluon_tier0.py;
-    CONFIG["gluon_tier0"]): on Hopper (sm_90), for bf16 inputs with the split products, with the hardware
-    gate math, whole key groups of 64 columns and d beta in 4 row groups. Elsewhere, Triton's tier 0."""
-    return (CONFIG["gluon_tier0"] and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
-            and grad_options["GRAD_SPLIT"] and _gate_options()["FAST_MATH"] and key_dim % 64 == 0
-            and row_groups == 4 and _gluon_module() is not None)
+    CONFIG["gluon_tier0"]): where _gluon_applies, with the split products, whole key groups of 64 columns and
+    d beta in 4 row groups. Elsewhere, Triton's tier 0."""
+    return (CONFIG["gluon_tier0"] and grad_options["GRAD_SPLIT"] and key_dim % 64 == 0 and row_groups == 4
+            and _gluon_applies(q))
 
 
 def _scan_launch() -> dict:
