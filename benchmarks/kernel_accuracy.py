@@ -1,7 +1,7 @@
 """bf16 accuracy of the Triton chunk kernels on the GPU, case by case, localised to chunks and heads.
 
     python benchmarks/kernel_accuracy.py                        # the default cases, ours and fla side by side
-    python benchmarks/kernel_accuracy.py --no-fla --config '{"scan_warps": 4}' --model   # one launch variant
+    python benchmarks/kernel_accuracy.py --no-fla --config '{"fwd_scan_warps": 4}' --model   # one launch variant
 
 Every case draws bf16 inputs (pre-swish q, f_logit, i; fp32 lower bound), runs ours (and fla's chunk_gla with
 the gate preparation fla's HGRN2 layer does) and compares the output and every gradient with the float64

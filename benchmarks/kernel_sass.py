@@ -70,8 +70,7 @@ def kernel_specs(tier: int) -> dict:
     dstate = {"qd_ptr": "*bf16", "do_ptr": "*bf16", "total_ptr": "*fp32", "dht_ptr": "*fp32", "dh0_ptr": "*fp32",
               "ds_ptr": states, "cu_ptr": "*i32", "chunk0_ptr": "*i32"}
     dots = {"DOT": tl.bfloat16, "PREC": "tf32"}
-    scan_launch = {"num_warps": config["scan_warps"], "num_stages": config["scan_stages"],
-                   "maxnreg": config["scan_maxnreg"]}
+    scan_launch = {"num_stages": config["scan_stages"], "maxnreg": config["scan_maxnreg"]}
     return {
         "intra_fwd": (chunk._intra_fwd_kernel, {**intra_fwd, "n_flags": "i32"},
                       {"H": HEADS, "K": DIM, "BT": chunk.CHUNK, "BC": SUB_CHUNK, "BK": tiers["intra_fwd"]["BK"],
@@ -82,10 +81,10 @@ def kernel_specs(tier: int) -> dict:
                        "num_stages": tiers["intra_fwd"].get("num_stages")}),
         "fwd_scan": (chunk._fwd_scan_kernel, scan,
                      {**SIZES, "BV": chunk._value_block(DIM), "HAS_H0": False, "STORE_HT": False, "STORE_HS": True,
-                      **dots, "A_SPLIT": a_split}, scan_launch),
+                      **dots, "A_SPLIT": a_split}, {**scan_launch, "num_warps": config["fwd_scan_warps"]}),
         "bwd_dstate": (chunk._bwd_dstate_kernel, dstate,
                        {**SIZES, "BV": chunk._value_block(DIM), "HAS_DHT": False, "STORE_DH0": False, **dots},
-                       scan_launch),
+                       {**scan_launch, "num_warps": config["dstate_warps"]}),
         "intra_bwd": (chunk._intra_bwd_kernel, {**intra_bwd, "n_flags": "i32"},
                       {**SIZES, "BC": SUB_CHUNK, "BK": tiers["intra_bwd"]["BK"], "HAS_BETA": True,
                        **dots, **chunk._grad_options(torch.bfloat16), **chunk._gate_options(),

@@ -336,7 +336,8 @@ def main():
     parser.add_argument("--keep-config", action="store_true",
                         help="after --variants, keep the default launch settings (not the fastest variant)")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--shapes", default="all", help="'all' or indices into SHAPES, e.g. 0,2")
+    parser.add_argument("--shapes", default="all",
+                        help="'all', 'none' (decode and checks only) or indices into SHAPES, e.g. 0,2")
     parser.add_argument("--fla-shapes", default="all", help="shapes (indices) at which fla is also run")
     parser.add_argument("--fp32-check", action="store_true")
     parser.add_argument("--issue-time", action="store_true",
@@ -345,7 +346,8 @@ def main():
     parser.add_argument("--time-variant", help=argparse.SUPPRESS)  # one --variants row (a child process)
     args = parser.parse_args()
     chunk_module.CONFIG.update(json.loads(args.config))
-    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(n)] for n in args.shapes.split(",")]
+    named = {"all": SHAPES, "none": []}
+    shapes = named[args.shapes] if args.shapes in named else [SHAPES[int(n)] for n in args.shapes.split(",")]
     if args.time_variant:
         print(VARIANT_TAG + json.dumps(time_variant(shapes[0], json.loads(args.time_variant))), flush=True)
         return

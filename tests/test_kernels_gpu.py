@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.hgrn2 import chunk_hgrn2, hgrn2_chunk_torch
+from kernels.hgrn2 import chunk, chunk_hgrn2, hgrn2_chunk_torch
 from kernels.hgrn2.testing import relative_error
 
 pytestmark = pytest.mark.gpu
@@ -26,9 +26,17 @@ def bf16_inputs(batch, seq_len, heads, dim):
                   "lower_bound": torch.rand(heads, dim, device="cuda", generator=gen) * 0.9}
 
 
-@pytest.mark.parametrize("batch,seq_len,heads,dim", [(4, 300, 4, 64), (4, 320, 4, 64), (2, 300, 2, 128),
-                                                     (2, 200, 3, 32), (2, 130, 2, 16)])
-def test_bf16_chunk_matches_float64(batch, seq_len, heads, dim):
+# (4, 200, 12, 128): 48 (sequence, head) pairs, enough for the scans' 64-column value blocks on any GPU up to
+# 192 multiprocessors (fewer pairs take narrower blocks): the benchmark's configuration, here with 8 and 4 warps.
+CASES = [(4, 300, 4, 64, {}), (4, 320, 4, 64, {}), (2, 300, 2, 128, {}), (2, 200, 3, 32, {}), (2, 130, 2, 16, {}),
+         (4, 200, 12, 128, {"fwd_scan_warps": 8, "dstate_warps": 8}),
+         (4, 200, 12, 128, {"fwd_scan_warps": 4, "dstate_warps": 4})]
+
+
+@pytest.mark.parametrize("batch,seq_len,heads,dim,config", CASES)
+def test_bf16_chunk_matches_float64(batch, seq_len, heads, dim, config, monkeypatch):
+    for key, value in config.items():
+        monkeypatch.setitem(chunk.CONFIG, key, value)
     seed, inputs = bf16_inputs(batch, seq_len, heads, dim)
     leaves = {name: x.clone().requires_grad_() for name, x in inputs.items()}
     o, _ = chunk_hgrn2(**leaves)

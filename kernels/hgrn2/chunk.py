@@ -91,7 +91,7 @@ FLAG_BLOCK = tl.constexpr(32)
 # gluon_tier0: tier 0 of the intra backward as the Gluon kernel where it applies (_gluon_tier0; v15: 0.36 against
 # ~0.70 ms at the first shape); gluon_maxnreg caps its registers (255 uncapped, 2 programs per SM; caps of
 # 232 / 200 / 168 spill 156 / 620 / 1,020 B and did not measure faster, v15).
-CONFIG = {"intra_fwd_warps": 4, "scan_warps": 8, "scan_stages": 3, "intra_bwd_warps": 4,
+CONFIG = {"intra_fwd_warps": 4, "fwd_scan_warps": 4, "dstate_warps": 8, "scan_stages": 3, "intra_bwd_warps": 4,
           "block_v": None, "intra_fwd_maxnreg": None, "intra_bwd_maxnreg": None,
           "intra_fwd_maxnreg0": 128, "intra_bwd_maxnreg0": 168, "intra_fwd_block_k0": 16,
           "intra_bwd_block_k0": 16, "intra_fwd_warps0": 4, "intra_bwd_warps0": 4, "scan_maxnreg": None,
@@ -1065,8 +1065,11 @@ def _gluon_tier0(q: torch.Tensor, key_dim: int, grad_options: dict, row_groups: 
             and _gluon_applies(q))
 
 
-def _scan_launch() -> dict:
-    return {"num_warps": CONFIG["scan_warps"], "num_stages": CONFIG["scan_stages"], **_maxnreg("scan_maxnreg")}
+def _scan_launch(warps_key: str, block_v: int) -> dict:
+    """Launch settings of a scan ("fwd_scan_warps" or "dstate_warps"). Below 64 value columns the scans keep
+    8 warps whatever the setting: Triton 3.6 miscompiled the 4-warp forward scan at 32 columns (docs/kernels.md)."""
+    warps = CONFIG[warps_key] if block_v >= 64 else max(CONFIG[warps_key], 8)
+    return {"num_warps": warps, "num_stages": CONFIG["scan_stages"], **_maxnreg("scan_maxnreg")}
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -1117,7 +1120,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
          seqs.chunk_offsets), H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v,
         HAS_H0=initial_state is not None, STORE_HT=final is not None, STORE_HS=keep_states, DOT=dot, PREC=prec,
         A_SPLIT=_a_split(dot),
-        **_scan_launch(),
+        **_scan_launch("fwd_scan_warps", block_v),
     )
     return o, final, (a, q_dec, k_dec, totals, halves, states, flags)
 
@@ -1144,7 +1147,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     launch(
         _bwd_dstate_kernel, (num_v, seqs.num_seqs * heads),
         (q_dec, do, totals, dht_arg, dh0_arg, ds, seqs.cu_seqlens, seqs.chunk_offsets), BV=block_v,
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **sizes, **_scan_launch(),
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **sizes, **_scan_launch("dstate_warps", block_v),
     )
     grad_options = _grad_options(q.dtype)
     split = grad_options["GRAD_SPLIT"]
