@@ -248,6 +248,16 @@ def test_scan_value_block_fills_the_processors(programs, expected, monkeypatch):
     assert chunk._value_block(128, programs, torch.device("cuda")) == expected
 
 
+@pytest.mark.parametrize("key_dim,block_v,expected", [(128, 64, 4), (128, 32, 8), (64, 32, 8), (64, 64, 8)])
+def test_scans_take_fewer_warps_only_where_gpu_tested(key_dim, block_v, expected, monkeypatch):
+    """4 warps requested for both scans: granted only at 128 keys and 64 value columns (Triton 3.6 miscompiled
+    the 4-warp forward scan at 64 keys and 32 columns; tests/test_kernels_gpu.py covers the granted case)."""
+    monkeypatch.setitem(chunk.CONFIG, "fwd_scan_warps", 4)
+    monkeypatch.setitem(chunk.CONFIG, "dstate_warps", 4)
+    for warps_key in ("fwd_scan_warps", "dstate_warps"):
+        assert chunk._scan_launch(warps_key, key_dim, block_v)["num_warps"] == expected
+
+
 def test_chunk_narrow_scan_value_blocks(monkeypatch):
     """The 16-column value blocks that long sequences get on a GPU (eight scan programs per head here)."""
     monkeypatch.setitem(chunk.CONFIG, "block_v", 16)
