@@ -68,8 +68,10 @@ FLAG_BLOCK = tl.constexpr(32)
 # Launch settings (warps, software-pipelining stages); the benchmark tries variants through this dict.
 # *_maxnreg caps registers per thread (None: ptxas decides); picked from ptxas spill reports and GPU sweeps
 # (docs/kernels.md).
-# The scans always take 8 warps: with 4, Triton 3.6 miscompiled the bf16 forward scan at K 64 / BV 32 on the
-# H200 (outputs off by 9%, NaN or an illegal address; correct with 8 warps or BV 64; docs/kernels.md).
+# fwd_scan_warps / dstate_warps: the scans' warps, granted below 8 only at K 128 / BV 64 (_scan_launch): with 4,
+# Triton 3.6 miscompiled the bf16 forward scan at K 64 / BV 32 on the H200 (outputs off by 9%, NaN or an illegal
+# address; docs/kernels.md). The forward scan at 4 (v17): forward 0.763 -> 0.706 ms at 32 x 2048 x 8, the same
+# forward+backward; the state-gradient scan at 4: no gain.
 # fast_math: the SFU's lg2 / ex2 / rcp (approx, ftz) in the intra kernels' gate and decay math
 # (utils.gate_log_f_and_k, fast_exp, fast_rcp; v12: -0.2 ms forward+backward at the first shape, errors
 # unchanged); grad_prec: _grad_options;
