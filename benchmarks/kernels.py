@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -131,7 +132,7 @@ def issue_and_device_ms(step, leaves, calls=10, graph=True):
     return issue, device_us / 1000 / calls, replay
 
 
-def time_paths(shape, use_fla, use_sdpa, issue_time=False):
+def time_paths(shape, use_fla, use_sdpa, issue_time=False, rounds=1):
     inputs = make_inputs(*shape)
     leaves = {n: x.detach().clone().requires_grad_() for n, x in inputs.items()}
     do = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
@@ -152,16 +153,42 @@ def time_paths(shape, use_fla, use_sdpa, issue_time=False):
         sdpa = time_sdpa(shape, issue_time)
         results.setdefault("issue/device", {}).update(sdpa.pop("issue/device", {}))
         results.update(sdpa)
+        if rounds > 1:
+            results["rounds"] = alternating_rounds(shape, lambda: ours(**leaves).backward(do), list(leaves.values()),
+                                                   rounds)
     return results
+
+
+def alternating_rounds(shape, ours_step, ours_leaves, rounds):
+    """Forward+backward of ours and of SDPA's default backend timed in turn, ``rounds`` times each: a drift of
+    the GPU's clocks or of cuDNN's choice during a run then shows in both columns instead of in one ratio
+    (cuDNN's median moved by 8% between runs at 32 x 2048 x 8; docs/perf.md, v17)."""
+    sdpa_step, sdpa_leaves = sdpa_fwdbwd(shape)
+    times = {"ours": [], "SDPA default": []}
+    for _ in range(rounds):
+        times["ours"].append(time_ms(ours_step, warmup=50, grad_to_none=ours_leaves))
+        times["SDPA default"].append(time_ms(sdpa_step, warmup=50, grad_to_none=sdpa_leaves))
+    return times
+
+
+def sdpa_inputs(shape):
+    """q, k, v (leaves) and the output gradient of causal SDPA at ``shape``, in SDPA's [B, H, T, n] layout."""
+    batch, seq_len, heads, dim = shape
+    q, k, v = (torch.randn(batch, heads, seq_len, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    return q, k, v, torch.randn_like(q)
+
+
+def sdpa_fwdbwd(shape):
+    """One forward+backward of causal SDPA (default backend) at ``shape``, and its leaves."""
+    q, k, v, do = sdpa_inputs(shape)
+    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do), [q, k, v]
 
 
 def time_sdpa(shape, issue_time=False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    batch, seq_len, heads, dim = shape
-    q, k, v = (torch.randn(batch, heads, seq_len, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
-    do = torch.randn_like(q)
+    q, k, v, do = sdpa_inputs(shape)
     attention = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     results = {}
     for label, backend in (("SDPA default", None), ("SDPA flash", SDPBackend.FLASH_ATTENTION)):
@@ -306,6 +333,16 @@ def markdown(results, accuracy_rows, decode_rows, meta):
                   "| B, T, H, n | path | host issue | device | graph replay |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {key} | {path} | {issue:.3f} | {device:.3f} | {graph:.3f} |"
                   for key, path, (issue, device, graph) in issue_rows]
+    round_rows = [(key, row["rounds"]) for key, row in results.items() if "rounds" in row]
+    if round_rows:
+        lines += ["", "Forward+backward timed in turn (ms, one do_bench median per round):", "",
+                  "| B, T, H, n | ours, each round | SDPA default, each round | medians | ratio |",
+                  "| --- | --- | --- | --- | --- |"]
+        for key, times in round_rows:
+            ours_median, sdpa_median = statistics.median(times["ours"]), statistics.median(times["SDPA default"])
+            lines.append(f"| {key} | {' '.join(f'{t:.3f}' for t in times['ours'])} | "
+                         f"{' '.join(f'{t:.3f}' for t in times['SDPA default'])} | {ours_median:.3f} / "
+                         f"{sdpa_median:.3f} | {sdpa_median / ours_median:.2f}× |")
     if accuracy_rows:
         lines += ["", "bf16 relative error vs a float64 reference (same bf16-valued inputs; batch capped at 2):", "",
                   "| B, T, H, n | path | o | dq | df_logit | di | dlower_bound |",
@@ -345,6 +382,8 @@ def main():
     parser.add_argument("--issue-time", action="store_true",
                         help="also the host time to issue each forward+backward, its kernels' device time and a "
                              "CUDA-graph replay of it")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="also time ours and SDPA's default forward+backward in turn, this many times each")
     parser.add_argument("--time-variant", help=argparse.SUPPRESS)  # one --variants row (a child process)
     args = parser.parse_args()
     chunk_module.CONFIG.update(json.loads(args.config))
@@ -392,7 +431,7 @@ def main():
         if not args.no_accuracy:
             accuracy_rows[key] = accuracy(shape, use_fla and shape in fla_shapes)
             print(f"[{time.time() - start:.0f}s] accuracy {key}: {accuracy_rows[key]}", flush=True)
-        row = time_paths(shape, use_fla and shape in fla_shapes, not args.no_sdpa, args.issue_time)
+        row = time_paths(shape, use_fla and shape in fla_shapes, not args.no_sdpa, args.issue_time, args.rounds)
         row["floor"] = floors(*shape)
         results[key] = row
         print(f"[{time.time() - start:.0f}s] timings {key}: {row}", flush=True)
