@@ -139,23 +139,23 @@ def time_paths(shape, use_fla, use_sdpa, issue_time=False, rounds=1):
     paths = {"ours": ours}
     if use_fla:
         paths["fla chunk_gla"] = fla_path
+    steps = {name: (lambda fn=fn: fn(**leaves).backward(do)) for name, fn in paths.items()}
     results = {}
     for name, fn in paths.items():
         with torch.no_grad():
             fwd = time_ms(lambda fn=fn: fn(**inputs))
-        fwdbwd = time_ms(lambda fn=fn: fn(**leaves).backward(do), warmup=50, grad_to_none=list(leaves.values()))
+        fwdbwd = time_ms(steps[name], warmup=50, grad_to_none=list(leaves.values()))
         results[name] = (fwd, fwdbwd)
         if issue_time:
             # fla's path is not replayed as a graph: a failed capture can leave the device in an error state
             results.setdefault("issue/device", {})[name] = issue_and_device_ms(
-                lambda fn=fn: fn(**leaves).backward(do), list(leaves.values()), graph=name == "ours")
+                steps[name], list(leaves.values()), graph=name == "ours")
     if use_sdpa:
         sdpa = time_sdpa(shape, issue_time)
         results.setdefault("issue/device", {}).update(sdpa.pop("issue/device", {}))
         results.update(sdpa)
         if rounds > 1:
-            results["rounds"] = alternating_rounds(shape, lambda: ours(**leaves).backward(do), list(leaves.values()),
-                                                   rounds)
+            results["rounds"] = alternating_rounds(shape, steps["ours"], list(leaves.values()), rounds)
     return results
 
 
