@@ -92,11 +92,12 @@ def kernel_specs(tier: int) -> dict:
                        "ROW_GROUPS": config["dbeta_row_groups"]},
                       {"num_warps": tiers["intra_bwd"]["num_warps"], "maxnreg": tiers["intra_bwd"].get("maxnreg"),
                        "num_stages": tiers["intra_bwd"].get("num_stages")}),
-        "intra_fwd_gluon": ("intra_fwd_tier0_kernel", intra_fwd,
+        "intra_fwd_gluon": ("intra_fwd_tier0_kernel", gluon_args(intra_fwd),
                             {"H": HEADS, "K": DIM, "HAS_BETA": True, "SWISH_Q": True, "STORE_HALVES": True},
                             {"num_warps": 4}),
         "intra_bwd_gluon": ("intra_bwd_tier0_kernel",
-                            {name: kind for name, kind in intra_bwd.items() if name not in ("v_ptr", "do_ptr")},
+                            gluon_args({name: kind for name, kind in intra_bwd.items()
+                                        if name not in ("v_ptr", "do_ptr")}),
                             {"H": HEADS, "K": DIM, "HAS_BETA": True, "SWISH_Q": True},
                             {"num_warps": 4, "maxnreg": config["gluon_maxnreg"]}),
         "bwd_inter": (chunk._bwd_inter_kernel, bwd_inter, {**SIZES, "BV": config["inter_block_v"], **dots,
@@ -104,6 +105,13 @@ def kernel_specs(tier: int) -> dict:
                       {"num_warps": config["inter_warps"], "num_stages": config["inter_stages"],
                        "maxnreg": config["inter_maxnreg"]}),
     }
+
+
+def gluon_args(triton_args: dict) -> dict:
+    """A Triton intra kernel's arguments as its Gluon tier 0 takes them: the chunks' spans in place of cu_seqlens and
+    the chunk list."""
+    args = {name: kind for name, kind in triton_args.items() if name not in ("cu_ptr", "chunks_ptr", "scale")}
+    return {**args, "span_ptr": "*i32", "scale": "fp32"}
 
 
 def compile_for_hopper(fn, arg_types: dict, constexprs: dict, options: dict):

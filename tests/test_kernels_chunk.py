@@ -248,6 +248,17 @@ def test_scan_value_block_fills_the_processors(programs, expected, monkeypatch):
     assert chunk._value_block(128, programs, torch.device("cuda")) == expected
 
 
+def test_sequences_spans_are_each_chunks_first_token_and_sequence_end():
+    """The Gluon kernels' one-load view of a chunk (utils.Sequences.spans), for a dense batch and packed documents."""
+    from kernels.hgrn2.utils import make_sequences
+
+    dense = make_sequences(2, 130, None, 64, torch.device("cpu"))
+    assert dense.spans.tolist() == [[0, 130], [64, 130], [128, 130], [130, 260], [194, 260], [258, 260]]
+    packed = make_sequences(1, 300, torch.tensor([0, 77, 190, 300]), 64, torch.device("cpu"))
+    assert packed.spans.tolist() == [[0, 77], [64, 77], [77, 190], [141, 190], [190, 300], [254, 300]]
+    assert dense.spans.dtype == packed.spans.dtype == torch.int32
+
+
 @pytest.mark.parametrize("key_dim,block_v,expected", [(128, 64, 4), (128, 32, 8), (64, 32, 8), (64, 64, 8)])
 def test_scans_take_fewer_warps_only_where_gpu_tested(key_dim, block_v, expected, monkeypatch):
     """4 warps requested for both scans: granted only at 128 keys and 64 value columns (Triton 3.6 miscompiled

@@ -1103,7 +1103,8 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
                   seqs.cu_seqlens, seqs.chunks, scale)
     tiers = (0, 1)
     if _gluon_fwd_tier0(q, key_dim):
-        launch(_gluon_module().intra_fwd_tier0_kernel, (seqs.num_chunks, heads), intra_args, H=heads, K=key_dim,
+        launch(_gluon_module().intra_fwd_tier0_kernel, (seqs.num_chunks, heads),
+               (*intra_args[:-3], seqs.spans, scale), H=heads, K=key_dim,
                HAS_BETA=has_beta, SWISH_Q=swish_q, STORE_HALVES=keep_states, num_warps=4)
         tiers = (1,)
     _launch_tiers(
@@ -1174,8 +1175,8 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
         gluon = _gluon_module()
         launch(
             gluon.intra_bwd_tier0_kernel, (seqs.num_chunks * (key_dim // gluon.KEYS.value), heads),
-            (*intra_args[:3], *intra_args[5:]), H=heads, K=key_dim, HAS_BETA=has_beta, SWISH_Q=swish_q, num_warps=4,
-            **_maxnreg("gluon_maxnreg"))
+            (*intra_args[:3], *intra_args[5:-3], seqs.spans, scale), H=heads, K=key_dim, HAS_BETA=has_beta,
+            SWISH_Q=swish_q, num_warps=4, **_maxnreg("gluon_maxnreg"))
         tiers = (1,)
     _launch_tiers(
         _intra_bwd_kernel, (seqs.num_chunks * key_groups, heads), intra_args, "intra_bwd", key_dim, seqs, heads,

@@ -130,17 +130,30 @@ def _reverse_cumsum(x):
 
 @gluon.jit
 def intra_bwd_tier0_kernel(q_ptr, x_ptr, beta_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr, total_ptr, dq_out_ptr,
-                           dx_ptr, dbeta_ptr, flag_ptr, cu_ptr, chunks_ptr, scale, H: gl.constexpr,
+                           dx_ptr, dbeta_ptr, flag_ptr, span_ptr, scale, H: gl.constexpr,
                            K: gl.constexpr, HAS_BETA: gl.constexpr, SWISH_Q: gl.constexpr):
     """One chunk (flagged tier 0 by the forward), one head, key columns KEYS * (program_id(0) % (K / KEYS)) on;
-    the arguments as chunk._intra_bwd_kernel's (d beta in 4 partial sums of 16 rows each)."""
+    the arguments as chunk._intra_bwd_kernel's (d beta in 4 partial sums of 16 rows each), with the chunks' spans
+    (utils.Sequences.spans) for cu_seqlens and the chunk list."""
     key_groups: gl.constexpr = K // KEYS
     i_c = gl.program_id(0) // key_groups
     i_h = gl.program_id(1)
-    if gl.load(flag_ptr + i_c * H + i_h) == 0:
+    flag = gl.load(flag_ptr + i_c * H + i_h)
+    t0, eos = _span(span_ptr, i_c)  # in flight with the flag
+    if flag == 0:
         _tier0_chunk(q_ptr, x_ptr, beta_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr, total_ptr, dq_out_ptr, dx_ptr,
-                     dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, (gl.program_id(0) % key_groups) * KEYS, H, K,
+                     dbeta_ptr, t0, eos, scale, i_c, i_h, (gl.program_id(0) % key_groups) * KEYS, H, K,
                      HAS_BETA, SWISH_Q)
+
+
+@gluon.jit
+def _span(span_ptr, i_c):
+    """A chunk's first token and its sequence's end (int64), in one load each: through the chunk list and
+    cu_seqlens they were two dependent loads, after the backward's flag a third (that chain held 6% of the
+    backward's stall samples, before its first copy was issued: Nsight Compute at 32 x 2048 x 8, v18)."""
+    # volatile: issued where written, not sunk below the backward's flag test into the branch that uses them
+    return (gl.load(span_ptr + 2 * i_c, volatile=True).to(gl.int64),
+            gl.load(span_ptr + 2 * i_c + 1, volatile=True).to(gl.int64))
 
 
 @gluon.jit
@@ -177,12 +190,8 @@ def _store(ptr, offsets, mask, value):
 
 @gluon.jit
 def _tier0_chunk(q_ptr, x_ptr, beta_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_ptr, total_ptr, dq_out_ptr, dx_ptr,
-                 dbeta_ptr, cu_ptr, chunks_ptr, scale, i_c, i_h, k_first, H: gl.constexpr, K: gl.constexpr,
+                 dbeta_ptr, t0, eos, scale, i_c, i_h, k_first, H: gl.constexpr, K: gl.constexpr,
                  HAS_BETA: gl.constexpr, SWISH_Q: gl.constexpr):
-    seq = gl.load(chunks_ptr + 2 * i_c)
-    bos = gl.load(cu_ptr + seq).to(gl.int64)
-    eos = gl.load(cu_ptr + seq + 1).to(gl.int64)
-    t0 = bos + gl.load(chunks_ptr + 2 * i_c + 1) * CHUNK
     tile = (t0 * H + i_h) * K + k_first  # the chunk's first row, this program's first key
     # every input in flight at once, in the order they are needed (three groups)
     x_staged = _stage(x_ptr + tile, t0, eos, H, K)
@@ -204,10 +213,11 @@ def _tier0_chunk(q_ptr, x_ptr, beta_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_pt
     keys = k_first + gl.arange(0, KEYS, layout=gl.SliceLayout(1, ROWS))
     valid = (t0 + rows < eos)[None, :]
     chunk_key = (i_c.to(gl.int64) * H + i_h) * K + keys
-    beta = 0.0
-    if HAS_BETA:
-        beta = gl.load(beta_ptr + i_h * K + keys)[:, None]
+    beta = _key_bound(beta_ptr, i_h, k_first, K, HAS_BETA)
     first = gl.load(half_ptr + chunk_key)
+    # loaded with r: issued where used, their waits took 5.5% of the stall samples (Nsight Compute, v18)
+    total = gl.load(total_ptr + chunk_key)
+    carry = gl.load(dgc_ptr + chunk_key)
     wait_group(2)
     d_hi = _permuted_d_part(d_hi_staged)
     d_lo = _permuted_d_part(d_lo_staged)
@@ -236,9 +246,9 @@ def _tier0_chunk(q_ptr, x_ptr, beta_ptr, d_ptr, dq_ptr, dk_ptr, dgc_ptr, half_pt
     x = _read(x_staged)
     k, middle = _decays(x, beta, first, rows, valid)
     from_middle = fast_exp(gl.minimum(-middle, FACTOR_SPAN), True)
-    dk_inter = from_middle * fast_exp(gl.load(total_ptr + chunk_key) - first, True)[:, None] * _read(dk_staged)
+    dk_inter = from_middle * fast_exp(total - first, True)[:, None] * _read(dk_staged)
     dk = from_middle * dk + dk_inter
-    carry = gl.load(dgc_ptr + chunk_key) + gl.sum(k * dk_inter, axis=1)
+    carry += gl.sum(k * dk_inter, axis=1)
     grad_log_f = _reverse_cumsum(grad - k * dk) + carry[:, None]
 
     # the gate math's bound form with beta = 0 is the unbounded one (Gluon cannot build the zero tiles of the latter)
@@ -271,16 +281,13 @@ def _operand_parts(value, hi_shared, lo_shared):
 
 
 @gluon.jit
-def _fwd_key_group(x_staged, q_staged, acc, span, parts, beta_ptr, qd_ptr, kd_ptr, total_ptr, half_ptr, scale,
+def _fwd_key_group(x_staged, q_staged, acc, span, parts, beta, qd_ptr, kd_ptr, total_ptr, half_ptr, scale,
                    i_c, i_h, k_first, tile, offsets, ok, rows, valid, H: gl.constexpr, K: gl.constexpr,
-                   HAS_BETA: gl.constexpr, SWISH_Q: gl.constexpr, STORE_HALVES: gl.constexpr):
+                   SWISH_Q: gl.constexpr, STORE_HALVES: gl.constexpr):
     """One group of KEYS key columns of _intra_fwd_chunk_whole: the decayed q^ and k the scans take, the chunk's
     total and first-half log-decays, and A += (q^ e^(cum - r)) (k e^(r - cum))^T; returns (A, span)."""
     keys = k_first + gl.arange(0, KEYS, layout=gl.SliceLayout(1, ROWS))
     chunk_key = (i_c.to(gl.int64) * H + i_h) * K + keys
-    beta = 0.0
-    if HAS_BETA:
-        beta = gl.load(beta_ptr + i_h * K + keys)[:, None]
     log_f, k = gate_log_f_and_k(_read(x_staged), beta, True, True)
     log_f = gl.where(valid, log_f, 0.0)
     k = gl.where(valid, k, 0.0)
@@ -314,18 +321,29 @@ def _fwd_key_group(x_staged, q_staged, acc, span, parts, beta_ptr, qd_ptr, kd_pt
 
 
 @gluon.jit
-def intra_fwd_tier0_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, half_ptr, flag_ptr, cu_ptr,
-                           chunks_ptr, scale, H: gl.constexpr, K: gl.constexpr, HAS_BETA: gl.constexpr,
+def _key_bound(beta_ptr, i_h, k_first, K: gl.constexpr, HAS_BETA: gl.constexpr):
+    """The lower bound of KEYS key columns from k_first on, as a [KEYS, 1] column of ROWS (0 without a bound or
+    past K)."""
+    beta = 0.0
+    if HAS_BETA:
+        keys = k_first + gl.arange(0, KEYS, layout=gl.SliceLayout(1, ROWS))
+        beta = gl.load(beta_ptr + i_h * K + keys, mask=keys < K, other=0.0)[:, None]
+    return beta
+
+
+@gluon.jit
+def intra_fwd_tier0_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_ptr, half_ptr, flag_ptr, span_ptr,
+                           scale, H: gl.constexpr, K: gl.constexpr, HAS_BETA: gl.constexpr,
                            SWISH_Q: gl.constexpr, STORE_HALVES: gl.constexpr):
     """Tier 0 of chunk._intra_fwd_kernel for one (chunk, head), K = 64 or 128 key columns in groups of KEYS: the
     same outputs (A as hi and lo bf16 parts, the decayed q^ and k, the chunk's log-decays, and the tier flag: 0
     if every key column's halves span less than FACTOR_SPAN, else 1 for Triton's tier-1 launch)."""
     i_c = gl.program_id(0)
     i_h = gl.program_id(1)
-    seq = gl.load(chunks_ptr + 2 * i_c)
-    bos = gl.load(cu_ptr + seq).to(gl.int64)
-    eos = gl.load(cu_ptr + seq + 1).to(gl.int64)
-    t0 = bos + gl.load(chunks_ptr + 2 * i_c + 1) * CHUNK
+    t0, eos = _span(span_ptr, i_c)
+    # the bound's key blocks loaded with the span, not after the inputs arrive (where their wait was exposed)
+    beta_first = _key_bound(beta_ptr, i_h, 0, K, HAS_BETA)
+    beta_second = _key_bound(beta_ptr, i_h, KEYS, K, HAS_BETA)
     tile = (t0 * H + i_h) * K
     x_first = _stage(x_ptr + tile, t0, eos, H, K)
     q_first = _stage(q_ptr + tile, t0, eos, H, K)
@@ -351,14 +369,13 @@ def intra_fwd_tier0_kernel(q_ptr, x_ptr, beta_ptr, a_ptr, qd_ptr, kd_ptr, total_
         wait_group(1)
     else:
         wait_group(0)
-    acc, span = _fwd_key_group(x_first, q_first, acc, span, parts, beta_ptr, qd_ptr, kd_ptr, total_ptr, half_ptr,
-                               scale, i_c, i_h, 0, tile, offsets, ok, rows, valid, H, K, HAS_BETA, SWISH_Q,
-                               STORE_HALVES)
+    acc, span = _fwd_key_group(x_first, q_first, acc, span, parts, beta_first, qd_ptr, kd_ptr, total_ptr, half_ptr,
+                               scale, i_c, i_h, 0, tile, offsets, ok, rows, valid, H, K, SWISH_Q, STORE_HALVES)
     if K == 2 * KEYS:
         wait_group(0)
-        acc, span = _fwd_key_group(x_second, q_second, acc, span, parts, beta_ptr, qd_ptr, kd_ptr, total_ptr,
+        acc, span = _fwd_key_group(x_second, q_second, acc, span, parts, beta_second, qd_ptr, kd_ptr, total_ptr,
                                    half_ptr, scale, i_c, i_h, KEYS, tile + KEYS, offsets, ok, rows, valid, H, K,
-                                   HAS_BETA, SWISH_Q, STORE_HALVES)
+                                   SWISH_Q, STORE_HALVES)
 
     # A, causal (entries above the diagonal may have overflowed: masked, never summed), as hi + lo parts
     t = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, PRODUCT))

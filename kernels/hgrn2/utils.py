@@ -230,6 +230,9 @@ class Sequences:
     chunk_offsets: torch.Tensor  # int32 [N]: index of each sequence's first chunk in per-chunk buffers
     num_seqs: int
     num_chunks: int
+    # int32 [NT, 2]: (first token, end of its sequence) of every chunk: what the Gluon kernels need of a chunk
+    # in one load (cu_seqlens through chunks is two dependent loads; gluon_tier0.py)
+    spans: torch.Tensor
 
 
 @functools.lru_cache(maxsize=64)
@@ -242,7 +245,8 @@ def _dense_sequences(batch: int, seq_len: int, chunk: int, device: torch.device)
     index = torch.arange(batch * per_seq, device=device, dtype=torch.int32)
     chunks = torch.stack([index // per_seq, index % per_seq], dim=1).contiguous()
     offsets = torch.arange(batch, device=device, dtype=torch.int32) * per_seq
-    return Sequences(cu, chunks, offsets, batch, batch * per_seq)
+    spans = torch.stack([cu[chunks[:, 0]] + chunks[:, 1] * chunk, cu[chunks[:, 0] + 1]], dim=1).contiguous()
+    return Sequences(cu, chunks, offsets, batch, batch * per_seq, spans)
 
 
 def make_sequences(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, chunk: int,
@@ -290,5 +294,6 @@ def _packed_sequences(bounds: list[int], chunk: int, device: torch.device) -> Se
         starts.append(total)
         total += count
     as_tensor = lambda values: torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+    spans = [(bounds[n] + j * chunk, bounds[n + 1]) for n, j in pairs]
     return Sequences(as_tensor(bounds), as_tensor(pairs).reshape(-1, 2).contiguous(), as_tensor(starts),
-                     len(lengths), total)
+                     len(lengths), total, as_tensor(spans).reshape(-1, 2).contiguous())
