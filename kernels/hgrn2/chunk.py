@@ -1103,6 +1103,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
                   seqs.cu_seqlens, seqs.chunks, scale)
     tiers = (0, 1)
     if _gluon_fwd_tier0(q, key_dim):
+        # the Gluon kernels take the chunks' spans in place of cu_seqlens and the chunk list
         launch(_gluon_module().intra_fwd_tier0_kernel, (seqs.num_chunks, heads),
                (*intra_args[:-3], seqs.spans, scale), H=heads, K=key_dim,
                HAS_BETA=has_beta, SWISH_Q=swish_q, STORE_HALVES=keep_states, num_warps=4)
@@ -1172,7 +1173,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
                   flags, seqs.cu_seqlens, seqs.chunks, scale)
     tiers = (0, 1)
     if _gluon_tier0(q, key_dim, grad_options, row_groups):
-        gluon = _gluon_module()
+        gluon = _gluon_module()  # (its arguments without i and do, spans in place of cu_seqlens and chunks)
         launch(
             gluon.intra_bwd_tier0_kernel, (seqs.num_chunks * (key_dim // gluon.KEYS.value), heads),
             (*intra_args[:3], *intra_args[5:-3], seqs.spans, scale), H=heads, K=key_dim, HAS_BETA=has_beta,
