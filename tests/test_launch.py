@@ -111,6 +111,19 @@ def test_interpreted_kernels_keep_tritons_path(kernel, monkeypatch):
     assert len(kernel.jit_calls) == 2 and not kernel.direct_calls
 
 
+def test_host_cdiv_and_next_power_of_2_match_tritons():
+    """The host-side grid helpers (triton's are constexpr functions, slow to call from Python) agree with them."""
+    import triton
+
+    from kernels.launch import cdiv, next_power_of_2
+
+    for a in range(0, 300):
+        for b in (1, 2, 3, 16, 32, 64, 100):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    for n in [*range(1, 1100), 4095, 4096, 4097, 2**20 + 1]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+
+
 def test_no_hooks_by_default():
     assert not launch_module._hooks_set()
 

@@ -39,11 +39,11 @@ kernel's launcher).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from kernels.hgrn2 import selfcheck
 from kernels.hgrn2.utils import (
@@ -56,7 +56,7 @@ from kernels.hgrn2.utils import (
     gate_log_f_and_k,
     make_sequences,
 )
-from kernels.launch import launch
+from kernels.launch import cdiv, launch
 
 CHUNK = 64
 BF16_DOT_IN_INTERPRETER = False  # set by kernels.hgrn2.testing once the interpreter's bf16 tl.dot is patched
@@ -902,13 +902,25 @@ def _intra_bwd_finish(q_ptr, x_ptr, beta_ptr, dq_out_ptr, dx_ptr, dbeta_ptr, q, 
 # ----------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------
+def _interpreted() -> bool:
+    """Whether this module's kernels run in Triton's interpreter: decided when @triton.jit ran (TRITON_INTERPRET
+    then; kernels/hgrn2/testing.py re-imports the module to change it). Asked of a kernel rather than of the
+    environment: os.environ.get took ~2 µs, five times per forward+backward."""
+    return not isinstance(_fwd_scan_kernel, JITFunction)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def _dot_config(dtype: torch.dtype):
     """fp32 inputs: fp32 operands, IEEE products (tests hold 1e-5). bf16: bf16 operands, fp32 accumulation.
 
     Triton's interpreter (3.7.1) multiplies bf16 bit patterns in tl.dot, so there bf16 inputs take fp32
     operands unless kernels.hgrn2.testing.patch_interpreter_bf16_dot has fixed it (the tests do).
     """
-    if dtype == torch.float32 or (os.environ.get("TRITON_INTERPRET") == "1" and not BF16_DOT_IN_INTERPRETER):
+    if dtype == torch.float32 or (_interpreted() and not BF16_DOT_IN_INTERPRETER):
         return tl.float32, "ieee"
     return tl.bfloat16, "tf32"
 
@@ -976,7 +988,7 @@ def _a_prec_split(dot) -> bool:
 
 def _gate_options() -> dict:
     """The hardware log in the intra kernels' gate math (not under the interpreter: no inline assembly)."""
-    return {"FAST_MATH": CONFIG["fast_math"] and os.environ.get("TRITON_INTERPRET") != "1"}
+    return {"FAST_MATH": CONFIG["fast_math"] and not _interpreted()}
 
 
 def _maxnreg(name: str) -> dict:
@@ -1026,7 +1038,7 @@ def _launch_tiers(kernel, grid, args, name: str, key_dim: int, seqs: Sequences, 
     """The launches of an intra kernel (the module docstring): tier 0, grid ``grid``, for every chunk; the rare
     tiers for the chunks flagged for them, FLAG_BLOCK (chunk, head) pairs per program (times key_groups)."""
     flags = seqs.num_chunks * heads
-    grids = {0: grid, 1: (triton.cdiv(flags, FLAG_BLOCK.value), key_groups)}
+    grids = {0: grid, 1: (cdiv(flags, FLAG_BLOCK.value), key_groups)}
     for tier, settings in _tier_launches(name, key_dim).items():
         if tier in tiers:
             launch(kernel, grids[tier], (*args, flags), TIER=tier, **options, **settings)
@@ -1046,8 +1058,7 @@ def _gluon_module():
 def _gluon_applies(q: torch.Tensor) -> bool:
     """What both Gluon tier-0 kernels need: compiled (not interpreted) on Hopper (sm_90), bf16 inputs, the
     hardware gate math, and a Triton whose Gluon has what they use."""
-    return (q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
+    return (q.is_cuda and not _interpreted() and _capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
             and _gate_options()["FAST_MATH"] and _gluon_module() is not None)
 
 
@@ -1120,7 +1131,7 @@ def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs
     states = empty(state_shape, _state_dtype(q.dtype), q.device) if keep_states else None
     block_v = _value_block(value_dim, seqs.num_seqs * heads, q.device)
     launch(
-        _fwd_scan_kernel, (triton.cdiv(value_dim, block_v), seqs.num_seqs * heads),
+        _fwd_scan_kernel, (cdiv(value_dim, block_v), seqs.num_seqs * heads),
         (q_dec, k_dec, totals, i, a, o, initial_state if initial_state is not None else q,
          final if final is not None else q, states if states is not None else q, seqs.cu_seqlens,
          seqs.chunk_offsets), H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v,
@@ -1141,7 +1152,7 @@ def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: S
     has_beta = beta is not None
     beta_arg = beta if has_beta else q
     block_v = _value_block(value_dim, seqs.num_seqs * heads, q.device)
-    num_v = triton.cdiv(value_dim, block_v)
+    num_v = cdiv(value_dim, block_v)
     dq_inter = empty((tokens, heads, key_dim), _inter_dtype(q.dtype), q.device)
     dk_inter = empty((tokens, heads, key_dim), _inter_dtype(q.dtype), q.device)
     dgc = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.hgrn2.utils import check_decode_inputs, gate_log_f_and_k
-from kernels.launch import launch
+from kernels.launch import cdiv, launch
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def decode_hgrn2(
     block_v = min(value_dim, 32)
     beta = lower_bound if lower_bound is not None else q
     launch(
-        _decode_kernel, (triton.cdiv(value_dim, block_v), batch * heads),
+        _decode_kernel, (cdiv(value_dim, block_v), batch * heads),
         (q, f_logit, i, beta, state, out, scale), H=heads, K=key_dim, V=value_dim, BV=block_v,
         HAS_BETA=lower_bound is not None, num_warps=4,
     )

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import cdiv
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 SUB_CHUNK = 16  # rows of the diagonal blocks handled element-wise (the stable part of the intra-chunk math)
@@ -240,7 +242,7 @@ def _dense_sequences(batch: int, seq_len: int, chunk: int, device: torch.device)
     """A [B, T] batch as B sequences of length T, built on the device with no host sync, once per shape (the
     kernels only read these; rebuilt per call they cost eight small launches of host time, which the benchmark's
     forward+backward at B 8, T 2048 no longer hides behind ~1.2 ms of GPU work)."""
-    per_seq = triton.cdiv(seq_len, chunk)
+    per_seq = cdiv(seq_len, chunk)
     cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
     index = torch.arange(batch * per_seq, device=device, dtype=torch.int32)
     chunks = torch.stack([index // per_seq, index % per_seq], dim=1).contiguous()
@@ -287,7 +289,7 @@ def _host_offsets(cu_seqlens: torch.Tensor) -> _HostOffsets:
 
 def _packed_sequences(bounds: list[int], chunk: int, device: torch.device) -> Sequences:
     lengths = [bounds[n + 1] - bounds[n] for n in range(len(bounds) - 1)]
-    chunk_counts = [triton.cdiv(n, chunk) for n in lengths]
+    chunk_counts = [cdiv(n, chunk) for n in lengths]
     pairs = [(n, j) for n, count in enumerate(chunk_counts) for j in range(count)]
     starts, total = [], 0
     for count in chunk_counts:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import launch
+from kernels.launch import cdiv, launch, next_power_of_2
 
 ROWS_PER_PROGRAM = 16  # backward: rows per program, so the weight-gradient partials stay few
 
@@ -52,7 +52,7 @@ def _rms_norm_bwd_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dw_ptr, rows, N
 
 
 def _launch_width(n: int) -> dict:
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     return {"BLOCK": block, "num_warps": min(16, max(1, block // 256))}
 
 
@@ -72,7 +72,7 @@ class RMSNormTritonFunction(torch.autograd.Function):
         x2, weight, rstd = ctx.saved_tensors
         n = x2.shape[-1]
         rows = x2.shape[0]
-        programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
+        programs = cdiv(rows, ROWS_PER_PROGRAM)
         dx = torch.empty_like(x2)
         dw = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
         launch(_rms_norm_bwd_kernel, (programs,), (x2, weight, rstd, dy.reshape(-1, n).contiguous(), dx, dw, rows), N=n,

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import launch
+from kernels.launch import cdiv, launch
 
 BLOCK = 2048
 
@@ -42,7 +42,7 @@ class SwishProductTritonFunction(torch.autograd.Function):
     def forward(ctx, gate, up):
         y = torch.empty_like(gate)
         n = gate.numel()
-        launch(_swish_product_fwd_kernel, (triton.cdiv(n, BLOCK),), (gate, up, y, n), BLOCK=BLOCK, num_warps=8)
+        launch(_swish_product_fwd_kernel, (cdiv(n, BLOCK),), (gate, up, y, n), BLOCK=BLOCK, num_warps=8)
         ctx.save_for_backward(gate, up)
         return y
 
@@ -51,7 +51,7 @@ class SwishProductTritonFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
-        launch(_swish_product_bwd_kernel, (triton.cdiv(n, BLOCK),), (gate, up, dy.contiguous(), dgate, dup, n),
+        launch(_swish_product_bwd_kernel, (cdiv(n, BLOCK),), (gate, up, dy.contiguous(), dgate, dup, n),
                BLOCK=BLOCK, num_warps=8)
         return dgate, dup
 
