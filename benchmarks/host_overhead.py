@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernel_accuracy import DEVICE, make_inputs, ours  # noqa: E402
+
 from kernels import launch as launch_module  # noqa: E402
-from kernels.hgrn2 import chunk_hgrn2  # noqa: E402
 
 
 def stub_launches() -> None:
@@ -36,19 +37,15 @@ def stub_launches() -> None:
     launch_module._current_device = lambda: 0
 
 
-def make_step(shape: tuple[int, int, int, int], device: str):
-    batch, seq_len, heads, dim = shape
-    dtype = torch.bfloat16
-    leaves = [torch.randn(batch, seq_len, heads, dim, device=device, dtype=dtype, requires_grad=True)
-              for _ in range(3)]
-    lower_bound = torch.rand(heads, dim, device=device, requires_grad=True)
-    grad_out = torch.randn(batch, seq_len, heads, dim, device=device, dtype=dtype)
+def make_step(shape: tuple[int, int, int, int]):
+    """One forward+backward of ours at the benchmark's inputs (kernel_accuracy, as benchmarks/kernels.py)."""
+    leaves = {name: x.requires_grad_() for name, x in make_inputs(*shape).items()}
+    grad_out = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
 
     def step() -> None:
-        for leaf in (*leaves, lower_bound):
+        for leaf in leaves.values():
             leaf.grad = None
-        out, _ = chunk_hgrn2(*leaves, lower_bound, swish_q=True)
-        out.backward(grad_out)
+        ours(**leaves).backward(grad_out)
 
     return step
 
@@ -84,7 +81,7 @@ def main() -> None:
         stub_launches()
     default = "8,2048,16,128" if cuda else "1,128,16,128"
     shape = tuple(int(n) for n in (args.shape or default).split(","))
-    step = make_step(shape, "cuda" if cuda else "cpu")
+    step = make_step(shape)
     for _ in range(5):  # compile, first-use self-check, allocator warm-up
         step()
     issue, device_ms = time_issue(step, args.calls, cuda)

@@ -43,7 +43,7 @@ def _argument_key(value) -> object:
 def launch(kernel, grid: tuple[int, ...], args: tuple, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``: runtime arguments positional (tensors, None, numbers), constexprs and
     launch options (num_warps, num_stages, maxnreg) by keyword."""
-    if not isinstance(kernel, JITFunction) or _hooks_set():  # interpreted (no device), or a hook to call
+    if interpreted(kernel) or _hooks_set():  # no device to key on, or a hook to call
         kernel[grid](*args, **kwargs)
         return
     device = _current_device()
@@ -60,6 +60,12 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, **kwargs) -> None:
     launcher, middle, trailing = found
     grid = (*grid, 1, 1)
     launcher(grid[0], grid[1], grid[2], driver.active.get_current_stream(device), *middle, *args, *trailing)
+
+
+def interpreted(kernel) -> bool:
+    """Whether a @triton.jit kernel runs in Triton's interpreter (TRITON_INTERPRET=1 when it was decorated): it is
+    then an InterpretedFunction, not a JITFunction."""
+    return not isinstance(kernel, JITFunction)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -43,7 +43,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 from kernels.hgrn2 import selfcheck
 from kernels.hgrn2.utils import (
@@ -56,7 +55,7 @@ from kernels.hgrn2.utils import (
     gate_log_f_and_k,
     make_sequences,
 )
-from kernels.launch import cdiv, launch
+from kernels.launch import cdiv, interpreted, launch
 
 CHUNK = 64
 BF16_DOT_IN_INTERPRETER = False  # set by kernels.hgrn2.testing once the interpreter's bf16 tl.dot is patched
@@ -906,7 +905,7 @@ def _interpreted() -> bool:
     """Whether this module's kernels run in Triton's interpreter: decided when @triton.jit ran (TRITON_INTERPRET
     then; kernels/hgrn2/testing.py re-imports the module to change it). Asked of a kernel rather than of the
     environment: os.environ.get took ~2 µs, five times per forward+backward."""
-    return not isinstance(_fwd_scan_kernel, JITFunction)
+    return interpreted(_fwd_scan_kernel)
 
 
 @functools.cache
