@@ -5,9 +5,10 @@
 
 On a GPU it times the host's issue of a forward+backward (20 in a row, no synchronisation) against the device
 time of the same calls (CUDA events): when the first is above the second, wall-clock benchmarks time Python
-(docs/kernels.md, "Not done / next steps" (1)). With --stub-launches every Triton launch is replaced by a no-op and
-the device query by CPU stand-ins, so the Python work around the kernels (validation, allocation, autograd, launch
-keys) can be profiled on a machine without a GPU; keep the shape small there, CPU allocations of real size dominate.
+(docs/kernels.md, "Not done / next steps" (1)). With --stub-launches every compiled kernel is a stand-in that runs
+nothing (kernels.hgrn2.testing.stub_compiled_launches), so the Python work around the kernels (validation,
+allocation, autograd, launches) can be profiled on a machine without a GPU; keep the shape small there, CPU
+allocations of real size dominate.
 """
 
 from __future__ import annotations
@@ -25,16 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernel_accuracy import DEVICE, make_inputs, ours  # noqa: E402
 
-from kernels import launch as launch_module  # noqa: E402
-
-
-def stub_launches() -> None:
-    """Triton launches become no-ops and the device query a CPU stand-in (CPU profiling only). kernels.launch still
-    builds its configuration key for every launch; with nothing compiled to keep, it then calls the no-op."""
-    from triton.runtime.jit import JITFunction
-
-    JITFunction.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
-    launch_module._current_device = lambda: 0
+from kernels.hgrn2.testing import stub_compiled_launches  # noqa: E402
 
 
 def make_step(shape: tuple[int, int, int, int]):
@@ -78,7 +70,7 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         sys.exit("no GPU: run with --stub-launches to profile the Python overhead on the CPU")
     if args.stub_launches:
-        stub_launches()
+        stub_compiled_launches()
     default = "8,2048,16,128" if cuda else "1,128,16,128"
     shape = tuple(int(n) for n in (args.shape or default).split(","))
     step = make_step(shape)

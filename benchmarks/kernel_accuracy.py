@@ -118,11 +118,13 @@ def with_variant(variant: dict):
     if variant.get("dot") == "fp32":
         chunk_module._dot_config = fp32_dot_config
     chunk_module.CONFIG.update({k: v for k, v in variant.items() if k != "dot"})
+    chunk_module._plan.cache_clear()  # plans are keyed by CONFIG, not by a patched _dot_config
 
     def undo():
         chunk_module.CONFIG.clear()
         chunk_module.CONFIG.update(saved_config)
         chunk_module._dot_config = saved_dot
+        chunk_module._plan.cache_clear()
 
     return undo
 

@@ -53,8 +53,9 @@ def test_gluon_tier0_at_triton_accuracy(dim, swish_q, documents, monkeypatch):
     seed, inputs = _inputs(documents[-1], 3, dim)
     cu_seqlens = torch.tensor([0, *documents], device="cuda", dtype=torch.int32)
     do = torch.randn(1, documents[-1], 3, dim, device="cuda").bfloat16()
-    assert chunk._gluon_tier0(inputs["q"], dim, chunk._grad_options(torch.bfloat16), chunk._dbeta_row_groups())
-    assert chunk._gluon_fwd_tier0(inputs["q"], dim)
+    dtype, device = inputs["q"].dtype, inputs["q"].device
+    assert chunk._gluon_tier0(dtype, device, dim, chunk._grad_options(torch.bfloat16), chunk._dbeta_row_groups())
+    assert chunk._gluon_fwd_tier0(dtype, device, dim)
     reference = _reference(inputs, cu_seqlens, do, swish_q)
     errors = {}
     for gluon in (True, False):

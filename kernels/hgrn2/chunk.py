@@ -55,7 +55,7 @@ from kernels.hgrn2.utils import (
     gate_log_f_and_k,
     make_sequences,
 )
-from kernels.launch import cdiv, interpreted, launch
+from kernels.launch import BoundLaunch, argument_key, cdiv, direct_stream, interpreted
 
 CHUNK = 64
 BF16_DOT_IN_INTERPRETER = False  # set by kernels.hgrn2.testing once the interpreter's bf16 tl.dot is patched
@@ -1032,15 +1032,20 @@ def _dbeta_row_groups() -> int:
     return groups
 
 
-def _launch_tiers(kernel, grid, args, name: str, key_dim: int, seqs: Sequences, heads: int, key_groups: int = 1,
-                  tiers=(0, 1), **options) -> None:
-    """The launches of an intra kernel (the module docstring): tier 0, grid ``grid``, for every chunk; the rare
-    tiers for the chunks flagged for them, FLAG_BLOCK (chunk, head) pairs per program (times key_groups)."""
+def _bind_tiers(kernel, name: str, key_dim: int, **options) -> dict[int, BoundLaunch]:
+    """An intra kernel's launches (the module docstring) by tier: tier 0 for every chunk; the rare tiers (1) for
+    the chunks flagged for them, FLAG_BLOCK (chunk, head) pairs per program (_launch_tiers)."""
+    return {tier: BoundLaunch(kernel, TIER=tier, **options, **settings)
+            for tier, settings in _tier_launches(name, key_dim).items()}
+
+
+def _launch_tiers(launches: dict[int, BoundLaunch], grid, args, seqs: Sequences, heads: int, stream,
+                  key_groups: int = 1) -> None:
+    """Tier 0 (where Triton runs it) on ``grid``, then the rare tiers, key_groups programs per FLAG_BLOCK flags."""
     flags = seqs.num_chunks * heads
     grids = {0: grid, 1: (cdiv(flags, FLAG_BLOCK.value), key_groups)}
-    for tier, settings in _tier_launches(name, key_dim).items():
-        if tier in tiers:
-            launch(kernel, grids[tier], (*args, flags), TIER=tier, **options, **settings)
+    for tier, bound in launches.items():
+        bound(grids[tier], (*args, flags), stream)
 
 
 @functools.cache
@@ -1054,27 +1059,28 @@ def _gluon_module():
     return gluon_tier0
 
 
-def _gluon_applies(q: torch.Tensor) -> bool:
+def _gluon_applies(dtype: torch.dtype, device: torch.device) -> bool:
     """What both Gluon tier-0 kernels need: compiled (not interpreted) on Hopper (sm_90), bf16 inputs, the
     hardware gate math, and a Triton whose Gluon has what they use."""
-    return (q.is_cuda and not _interpreted() and _capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
-            and _gate_options()["FAST_MATH"] and _gluon_module() is not None)
+    return (device.type == "cuda" and not _interpreted() and _capability(device) == (9, 0)
+            and dtype == torch.bfloat16 and _gate_options()["FAST_MATH"] and _gluon_module() is not None)
 
 
-def _gluon_fwd_tier0(q: torch.Tensor, key_dim: int) -> bool:
+def _gluon_fwd_tier0(dtype: torch.dtype, device: torch.device, key_dim: int) -> bool:
     """Whether tier 0 of the intra forward runs as the Gluon kernel (gluon_tier0.intra_fwd_tier0_kernel;
     CONFIG["gluon_fwd_tier0"]): where _gluon_applies, with A kept as hi + lo parts of split products, the
     whole-chunk factorisation and K of 64 or 128."""
-    return (CONFIG["gluon_fwd_tier0"] and _a_prec_split(_dot_config(q.dtype)[0]) and CONFIG["whole_chunk"]
-            and key_dim in (64, 128) and _gluon_applies(q))
+    return (CONFIG["gluon_fwd_tier0"] and _a_prec_split(_dot_config(dtype)[0]) and CONFIG["whole_chunk"]
+            and key_dim in (64, 128) and _gluon_applies(dtype, device))
 
 
-def _gluon_tier0(q: torch.Tensor, key_dim: int, grad_options: dict, row_groups: int) -> bool:
+def _gluon_tier0(dtype: torch.dtype, device: torch.device, key_dim: int, grad_options: dict,
+                 row_groups: int) -> bool:
     """Whether tier 0 of the intra backward runs as the Gluon kernel (kernels/hgrn2/gluon_tier0.py;
     CONFIG["gluon_tier0"]): where _gluon_applies, with the split products, whole key groups of 64 columns and
     d beta in 4 row groups. Elsewhere, Triton's tier 0."""
     return (CONFIG["gluon_tier0"] and grad_options["GRAD_SPLIT"] and key_dim % 64 == 0 and row_groups == 4
-            and _gluon_applies(q))
+            and _gluon_applies(dtype, device))
 
 
 def _scan_launch(warps_key: str, key_dim: int, block_v: int) -> dict:
@@ -1086,140 +1092,206 @@ def _scan_launch(warps_key: str, key_dim: int, block_v: int) -> dict:
     return {"num_warps": warps, "num_stages": CONFIG["scan_stages"], **_maxnreg("scan_maxnreg")}
 
 
+class _Plan:
+    """What a forward+backward decides on the host for one configuration (_plan's key: dtype, device, head count
+    and dims, bound, options, CONFIG and the rest it reads), decided once: buffer dtypes, and which kernels run
+    with which settings, bound into kernels.launch.BoundLaunch objects that keep each launch's compiled kernel
+    after its first call. Deciding it per call and keying every argument of seven launches was about a third of
+    the Python in a forward+backward (docs/kernels.md, v19). The backward's part is made at the first backward,
+    which refuses a bad setting there before any launch."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, heads: int, key_dim: int, value_dim: int,
+                 has_beta: bool, swish_q: bool, keep: bool, has_h0: bool, final_state: bool, block_v: int,
+                 launch_device: int | None) -> None:
+        self.dtype, self.device, self.heads, self.key_dim, self.value_dim = dtype, device, heads, key_dim, value_dim
+        self.has_beta, self.swish_q, self.keep, self.has_h0 = has_beta, swish_q, keep, has_h0
+        self.final_state, self.block_v = final_state, block_v
+        # the device the launches' compiled kernels are kept for (None: they are not; kernels.launch.direct_stream)
+        self.launch_device = launch_device
+        self.dot, self.prec = _dot_config(dtype)
+        self.a_split = _a_split(self.dot)
+        self.a_dtype = torch.bfloat16 if self.a_split else dtype
+        self.state_dtype = _state_dtype(dtype)
+        self.checked = False  # the first-use self-check (selfcheck.verify_once) has run or does not apply
+        self._backward: _BackwardPlan | None = None
+        self.fwd_tiers = _bind_tiers(
+            _intra_fwd_kernel, "intra_fwd", key_dim, H=heads, K=key_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta,
+            DOT=self.dot, PREC=self.prec, A_PREC_SPLIT=_a_prec_split(self.dot), SWISH_Q=swish_q,
+            WHOLE=CONFIG["whole_chunk"], A_SPLIT=self.a_split, STORE_HALVES=keep, **_gate_options())
+        self.fwd_gluon = None
+        if _gluon_fwd_tier0(dtype, device, key_dim):
+            self.fwd_gluon = BoundLaunch(_gluon_module().intra_fwd_tier0_kernel, H=heads, K=key_dim,
+                                         HAS_BETA=has_beta, SWISH_Q=swish_q, STORE_HALVES=keep, num_warps=4)
+            del self.fwd_tiers[0]
+        self.fwd_scan = BoundLaunch(
+            _fwd_scan_kernel, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v, HAS_H0=has_h0,
+            STORE_HT=final_state, STORE_HS=keep, DOT=self.dot, PREC=self.prec, A_SPLIT=self.a_split,
+            **_scan_launch("fwd_scan_warps", key_dim, block_v))
+
+    def backward(self) -> _BackwardPlan:
+        if self._backward is None:
+            self._backward = _BackwardPlan(self)
+        return self._backward
+
+
+class _BackwardPlan:
+    """The backward's part of a _Plan."""
+
+    def __init__(self, plan: _Plan) -> None:
+        heads, key_dim, value_dim, dtype = plan.heads, plan.key_dim, plan.value_dim, plan.dtype
+        # settings checked before any launch: a bad one leaves no half-written gradients
+        self.key_groups, self.row_groups = _key_groups(key_dim), _dbeta_row_groups()
+        self.inter_dtype = _inter_dtype(dtype)
+        grad_options = _grad_options(dtype)
+        self.split = grad_options["GRAD_SPLIT"]
+        sizes = {"H": heads, "K": key_dim, "V": value_dim, "BT": CHUNK, "DOT": plan.dot, "PREC": plan.prec}
+        self.dstate = {has_dht: BoundLaunch(
+            _bwd_dstate_kernel, BV=plan.block_v, HAS_DHT=has_dht, STORE_DH0=plan.has_h0, **sizes,
+            **_scan_launch("dstate_warps", key_dim, plan.block_v)) for has_dht in (False, True)}
+        self.inter = BoundLaunch(
+            _bwd_inter_kernel, BV=min(CONFIG["inter_block_v"], value_dim), **sizes, num_warps=CONFIG["inter_warps"],
+            num_stages=CONFIG["inter_stages"], SPLIT=self.split, A_SPLIT=plan.a_split, **_maxnreg("inter_maxnreg"))
+        self.tiers = _bind_tiers(
+            _intra_bwd_kernel, "intra_bwd", key_dim, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK,
+            HAS_BETA=plan.has_beta, DOT=plan.dot, PREC=plan.prec, SWISH_Q=plan.swish_q, KEY_GROUPS=self.key_groups,
+            ROW_GROUPS=self.row_groups, **grad_options, **_gate_options())
+        self.gluon = None
+        if _gluon_tier0(dtype, plan.device, key_dim, grad_options, self.row_groups):
+            gluon = _gluon_module()
+            self.gluon = BoundLaunch(gluon.intra_bwd_tier0_kernel, H=heads, K=key_dim, HAS_BETA=plan.has_beta,
+                                     SWISH_Q=plan.swish_q, num_warps=4, **_maxnreg("gluon_maxnreg"))
+            self.gluon_key_blocks = key_dim // gluon.KEYS.value
+            del self.tiers[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(config: tuple, bf16_dot: bool, integer_class, *arguments) -> _Plan:
+    """The _Plan of ``arguments``; the rest of the key is what else its decisions and launches depend on:
+    ``config`` (CONFIG's items), ``bf16_dot`` (BF16_DOT_IN_INTERPRETER) and the class of the rare tiers' integer
+    argument (kernels.launch.argument_key), so that a change to any of them makes a new plan."""
+    return _Plan(*arguments)
+
+
+def _aligned(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor's address is 16-byte aligned, as Triton specialises pointers. Buffers from
+    ``empty`` always are (CUDA's caching allocator hands out 512-byte blocks), so only the caller's tensors
+    decide whether a plan's launches may skip keying their arguments (kernels.launch.BoundLaunch)."""
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every buffer the kernels write comes from here (tests replace it with NaN-filled buffers)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, *x.shape[2:])
-
-
-def _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs: Sequences, keep_states, swish_q):
-    tokens, heads, key_dim = _flat(q).shape
-    value_dim = i.shape[-1]
-    dot, prec = _dot_config(q.dtype)
-    has_beta = beta is not None
-    beta_arg = beta if has_beta else q
-    a = empty((tokens, heads, 2 if _a_split(dot) else 1, CHUNK), torch.bfloat16 if _a_split(dot) else q.dtype,
-              q.device)
-    q_dec = empty(q.shape, q.dtype, q.device)
-    k_dec = empty(q.shape, q.dtype, q.device)
-    totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
+def _forward(plan: _Plan, q, f_logit, i, beta, scale, initial_state, seqs: Sequences, stream):
+    """The forward's launches; ``stream`` (or None): kernels.launch.BoundLaunch's."""
+    batch, seq_len, heads, key_dim = q.shape
+    tokens, device = batch * seq_len, q.device
+    beta_arg = beta if plan.has_beta else q
+    keep = plan.keep
+    a = empty((tokens, heads, 2 if plan.a_split else 1, CHUNK), plan.a_dtype, device)
+    q_dec = empty(q.shape, q.dtype, device)
+    k_dec = empty(q.shape, q.dtype, device)
+    totals = empty((seqs.num_chunks, heads, key_dim), torch.float32, device)
     # r, the cumulative log-decay at the end of each chunk's first half, for the backward's tier 0
-    halves = empty(totals.shape, torch.float32, q.device) if keep_states else None
-    flags = empty((seqs.num_chunks, heads), torch.int32, q.device)
-    intra_args = (q, f_logit, beta_arg, a, q_dec, k_dec, totals, halves if keep_states else totals, flags,
+    halves = empty(totals.shape, torch.float32, device) if keep else None
+    flags = empty((seqs.num_chunks, heads), torch.int32, device)
+    intra_args = (q, f_logit, beta_arg, a, q_dec, k_dec, totals, halves if keep else totals, flags,
                   seqs.cu_seqlens, seqs.chunks, scale)
-    tiers = (0, 1)
-    if _gluon_fwd_tier0(q, key_dim):
-        # the Gluon kernels take the chunks' spans in place of cu_seqlens and the chunk list
-        launch(_gluon_module().intra_fwd_tier0_kernel, (seqs.num_chunks, heads),
-               (*intra_args[:-3], seqs.spans, scale), H=heads, K=key_dim,
-               HAS_BETA=has_beta, SWISH_Q=swish_q, STORE_HALVES=keep_states, num_warps=4)
-        tiers = (1,)
-    _launch_tiers(
-        _intra_fwd_kernel, (seqs.num_chunks, heads), intra_args, "intra_fwd", key_dim, seqs, heads, 1, tiers,
-        H=heads, K=key_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot, PREC=prec,
-        A_PREC_SPLIT=_a_prec_split(dot), SWISH_Q=swish_q, WHOLE=CONFIG["whole_chunk"], A_SPLIT=_a_split(dot),
-        STORE_HALVES=keep_states, **_gate_options(),
-    )
-    o = empty(i.shape, i.dtype, i.device)
-    final = empty((seqs.num_seqs, heads, key_dim, value_dim), torch.float32, q.device) if output_final_state else None
-    state_shape = (seqs.num_chunks, heads, key_dim, value_dim)
-    states = empty(state_shape, _state_dtype(q.dtype), q.device) if keep_states else None
-    block_v = _value_block(value_dim, seqs.num_seqs * heads, q.device)
-    launch(
-        _fwd_scan_kernel, (cdiv(value_dim, block_v), seqs.num_seqs * heads),
+    if plan.fwd_gluon is not None:  # it takes the chunks' spans in place of cu_seqlens and the chunk list
+        plan.fwd_gluon((seqs.num_chunks, heads), (*intra_args[:-3], seqs.spans, scale), stream)
+    _launch_tiers(plan.fwd_tiers, (seqs.num_chunks, heads), intra_args, seqs, heads, stream)
+    o = empty(i.shape, i.dtype, device)
+    final = (empty((seqs.num_seqs, heads, key_dim, plan.value_dim), torch.float32, device)
+             if plan.final_state else None)
+    states = (empty((seqs.num_chunks, heads, key_dim, plan.value_dim), plan.state_dtype, device) if keep
+              else None)
+    plan.fwd_scan(
+        (cdiv(plan.value_dim, plan.block_v), seqs.num_seqs * heads),
         (q_dec, k_dec, totals, i, a, o, initial_state if initial_state is not None else q,
          final if final is not None else q, states if states is not None else q, seqs.cu_seqlens,
-         seqs.chunk_offsets), H=heads, K=key_dim, V=value_dim, BT=CHUNK, BV=block_v,
-        HAS_H0=initial_state is not None, STORE_HT=final is not None, STORE_HS=keep_states, DOT=dot, PREC=prec,
-        A_SPLIT=_a_split(dot),
-        **_scan_launch("fwd_scan_warps", key_dim, block_v),
-    )
+         seqs.chunk_offsets), stream)
     return o, final, (a, q_dec, k_dec, totals, halves, states, flags)
 
 
-def _backward(q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: Sequences, swish_q):
+def _backward(plan: _Plan, q, f_logit, i, beta, scale, initial_state, saved, do, dht, seqs: Sequences, stream):
+    """The backward's launches; ``stream`` (or None): kernels.launch.BoundLaunch's."""
+    bwd = plan.backward()
     a, q_dec, k_dec, totals, halves, states, flags = saved
-    tokens, heads, key_dim = _flat(q).shape
-    # settings checked before any launch: a bad one leaves no half-written gradients
-    key_groups, row_groups = _key_groups(key_dim), _dbeta_row_groups()
-    value_dim = i.shape[-1]
-    dot, prec = _dot_config(q.dtype)
-    has_beta = beta is not None
-    beta_arg = beta if has_beta else q
-    block_v = _value_block(value_dim, seqs.num_seqs * heads, q.device)
-    num_v = cdiv(value_dim, block_v)
-    dq_inter = empty((tokens, heads, key_dim), _inter_dtype(q.dtype), q.device)
-    dk_inter = empty((tokens, heads, key_dim), _inter_dtype(q.dtype), q.device)
-    dgc = empty((seqs.num_chunks, heads, key_dim), torch.float32, q.device)
-    di = empty(i.shape, i.dtype, i.device)
-    dh0 = empty(initial_state.shape, torch.float32, q.device) if initial_state is not None else None
-    dht_arg, dh0_arg = (dht if dht is not None else q), (dh0 if dh0 is not None else q)
-    sizes = {"H": heads, "K": key_dim, "V": value_dim, "BT": CHUNK, "DOT": dot, "PREC": prec}
-    ds = empty(states.shape, states.dtype, q.device)
-    launch(
-        _bwd_dstate_kernel, (num_v, seqs.num_seqs * heads),
-        (q_dec, do, totals, dht_arg, dh0_arg, ds, seqs.cu_seqlens, seqs.chunk_offsets), BV=block_v,
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **sizes, **_scan_launch("dstate_warps", key_dim, block_v),
-    )
-    grad_options = _grad_options(q.dtype)
-    split = grad_options["GRAD_SPLIT"]
-    d_buffer = empty((seqs.num_chunks, heads, 2 if split else 1, CHUNK, CHUNK),
-                     torch.bfloat16 if split else torch.float32, q.device)
-    launch(
-        _bwd_inter_kernel, (seqs.num_chunks, heads),
-        (i, do, states, ds, totals, dq_inter, dk_inter, dgc, d_buffer, k_dec, a, di, seqs.cu_seqlens, seqs.chunks),
-        BV=min(CONFIG["inter_block_v"], value_dim), **sizes, num_warps=CONFIG["inter_warps"],
-        num_stages=CONFIG["inter_stages"], SPLIT=split, A_SPLIT=_a_split(dot), **_maxnreg("inter_maxnreg"),
-    )
-    dq = empty(q.shape, q.dtype, q.device)
-    dx = empty(f_logit.shape, f_logit.dtype, f_logit.device)
+    batch, seq_len, heads, key_dim = q.shape
+    tokens, device = batch * seq_len, q.device
+    beta_arg = beta if plan.has_beta else q
+    dq_inter = empty((tokens, heads, key_dim), bwd.inter_dtype, device)
+    dk_inter = empty((tokens, heads, key_dim), bwd.inter_dtype, device)
+    dgc = empty((seqs.num_chunks, heads, key_dim), torch.float32, device)
+    di = empty(i.shape, i.dtype, device)
+    dh0 = empty(initial_state.shape, torch.float32, device) if initial_state is not None else None
+    ds = empty(states.shape, states.dtype, device)
+    bwd.dstate[dht is not None](
+        (cdiv(plan.value_dim, plan.block_v), seqs.num_seqs * heads),
+        (q_dec, do, totals, dht if dht is not None else q, dh0 if dh0 is not None else q, ds, seqs.cu_seqlens,
+         seqs.chunk_offsets), stream)
+    d_buffer = empty((seqs.num_chunks, heads, 2 if bwd.split else 1, CHUNK, CHUNK),
+                     torch.bfloat16 if bwd.split else torch.float32, device)
+    bwd.inter((seqs.num_chunks, heads), (i, do, states, ds, totals, dq_inter, dk_inter, dgc, d_buffer, k_dec, a, di,
+                                         seqs.cu_seqlens, seqs.chunks), stream)
+    dq = empty(q.shape, q.dtype, device)
+    dx = empty(f_logit.shape, f_logit.dtype, device)
     # d beta's partial sums, one per chunk and row group, summed below over a contiguous leading dimension
-    dbeta_chunks = empty((seqs.num_chunks * row_groups, heads, key_dim), torch.float32, q.device)
+    dbeta_chunks = empty((seqs.num_chunks * bwd.row_groups, heads, key_dim), torch.float32, device)
     intra_args = (q, f_logit, beta_arg, i, do, d_buffer, dq_inter, dk_inter, dgc, halves, totals, dq, dx, dbeta_chunks,
                   flags, seqs.cu_seqlens, seqs.chunks, scale)
-    tiers = (0, 1)
-    if _gluon_tier0(q, key_dim, grad_options, row_groups):
-        gluon = _gluon_module()  # (its arguments without i and do, spans in place of cu_seqlens and chunks)
-        launch(
-            gluon.intra_bwd_tier0_kernel, (seqs.num_chunks * (key_dim // gluon.KEYS.value), heads),
-            (*intra_args[:3], *intra_args[5:-3], seqs.spans, scale), H=heads, K=key_dim, HAS_BETA=has_beta,
-            SWISH_Q=swish_q, num_warps=4, **_maxnreg("gluon_maxnreg"))
-        tiers = (1,)
-    _launch_tiers(
-        _intra_bwd_kernel, (seqs.num_chunks * key_groups, heads), intra_args, "intra_bwd", key_dim, seqs, heads,
-        key_groups, tiers, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BC=SUB_CHUNK, HAS_BETA=has_beta, DOT=dot,
-        PREC=prec, SWISH_Q=swish_q, KEY_GROUPS=key_groups, ROW_GROUPS=row_groups, **grad_options, **_gate_options(),
-    )
-    dbeta = dbeta_chunks.sum(0) if has_beta else None
+    if bwd.gluon is not None:  # its arguments without i and do, spans in place of cu_seqlens and chunks
+        bwd.gluon((seqs.num_chunks * bwd.gluon_key_blocks, heads),
+                  (*intra_args[:3], *intra_args[5:-3], seqs.spans, scale), stream)
+    _launch_tiers(bwd.tiers, (seqs.num_chunks * bwd.key_groups, heads), intra_args, seqs, heads, stream,
+                  bwd.key_groups)
+    dbeta = dbeta_chunks.sum(0) if plan.has_beta else None
     return dq, dx, di, dbeta, dh0
 
 
 class ChunkHGRN2Function(torch.autograd.Function):
+    """chunk_hgrn2's autograd Function: differentiable in q, f_logit, i, lower_bound and initial_state; beta (the
+    bound in fp32), the plan and the rest come from chunk_hgrn2."""
+
     @staticmethod
-    def forward(ctx, q, f_logit, i, lower_bound, scale, initial_state, output_final_state, cu_seqlens, swish_q):
-        batch, seq_len = q.shape[:2]
-        seqs = make_sequences(batch, seq_len, cu_seqlens, CHUNK, q.device)
-        beta = lower_bound.float().contiguous() if lower_bound is not None else None
-        keep = any(ctx.needs_input_grad)
-        o, final, saved = _forward(q, f_logit, i, beta, scale, initial_state, output_final_state, seqs, keep, swish_q)
+    def forward(ctx, q, f_logit, i, lower_bound, initial_state, beta, scale, output_final_state, seqs, plan, route):
+        o, final, saved = _forward(plan, q, f_logit, i, beta, scale, initial_state, seqs, route and route[1])
         ctx.save_for_backward(q, f_logit, i, beta, initial_state, *saved)
-        ctx.seqs, ctx.scale, ctx.swish_q = seqs, scale, swish_q
+        ctx.seqs, ctx.scale, ctx.plan, ctx.aligned = seqs, scale, plan, route is not None
         ctx.lower_bound_dtype = None if lower_bound is None else lower_bound.dtype
         return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
         q, f_logit, i, beta, initial_state, *saved = ctx.saved_tensors
-        dq, dx, di, dbeta, dh0 = _backward(q, f_logit, i, beta, ctx.scale, initial_state, saved,
-                                           do.contiguous(), None if dht is None else dht.contiguous(), ctx.seqs,
-                                           ctx.swish_q)
+        do = do.contiguous()
+        dht = None if dht is None else dht.contiguous()
+        # the forward's inputs were aligned, and the incoming gradients have the outputs' dtypes and alignment
+        vouched = (ctx.aligned and do.dtype == i.dtype and _aligned(do, dht)
+                   and (dht is None or dht.dtype == torch.float32))
+        route = direct_stream(_fwd_scan_kernel) if vouched else None
+        if route is not None and route[0] != ctx.plan.launch_device:
+            route = None
+        dq, dx, di, dbeta, dh0 = _backward(ctx.plan, q, f_logit, i, beta, ctx.scale, initial_state, saved, do, dht,
+                                           ctx.seqs, route and route[1])
         if dbeta is not None:
             dbeta = dbeta.to(ctx.lower_bound_dtype)
-        return dq, dx, di, dbeta, None, dh0, None, None, None
+        return dq, dx, di, dbeta, dh0, None, None, None, None, None, None
+
+
+def _plan_and_route(q, i, beta, initial_state, output_final_state, seqs, keep, swish_q, aligned):
+    """The plan of this call (_plan) and kernels.launch.direct_stream's (device, stream) where its launches may skip
+    keying their arguments: where the caller's tensors are ``aligned``, since everything else Triton specialises
+    on is in the plan's key (the dtypes, and the rare tiers' one integer argument)."""
+    batch, seq_len, heads, key_dim = q.shape
+    route = direct_stream(_fwd_scan_kernel) if aligned else None
+    value_dim = i.shape[-1]
+    plan = _plan(tuple(CONFIG.items()), BF16_DOT_IN_INTERPRETER, argument_key(seqs.num_chunks * heads), q.dtype,
+                 q.device, heads, key_dim, value_dim, beta is not None, swish_q, keep, initial_state is not None,
+                 output_final_state, _value_block(value_dim, seqs.num_seqs * heads, q.device), route and route[0])
+    return plan, route
 
 
 def chunk_hgrn2(
@@ -1245,8 +1317,13 @@ def chunk_hgrn2(
     (``kernels.hgrn2.selfcheck``).
     """
     check_chunk_inputs(q, f_logit, i, lower_bound, initial_state, cu_seqlens)
-    # first use of this configuration on a GPU
-    selfcheck.verify_once(chunk_hgrn2, q, i, lower_bound, tuple(sorted(CONFIG.items())), swish_q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return ChunkHGRN2Function.apply(q, f_logit, i, lower_bound, scale, initial_state, output_final_state,
-                                    cu_seqlens, bool(swish_q))
+    seqs = make_sequences(q.shape[0], q.shape[1], cu_seqlens, CHUNK, q.device)
+    beta = None if lower_bound is None else lower_bound.detach().float().contiguous()
+    inputs = (q, f_logit, i, lower_bound, initial_state)
+    keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    plan, route = _plan_and_route(q, i, beta, initial_state, output_final_state, seqs, keep, bool(swish_q),
+                                  _aligned(q, f_logit, i, beta, initial_state))
+    if not plan.checked:  # first use of this configuration on a GPU
+        plan.checked = selfcheck.verify_once(chunk_hgrn2, q, i, lower_bound, tuple(CONFIG.items()), swish_q)
+    return ChunkHGRN2Function.apply(*inputs, beta, scale, output_final_state, seqs, plan, route)

@@ -89,11 +89,16 @@ def verify(chunk_fn: Callable, dtype: torch.dtype, heads: int, key_dim: int, val
 
 
 def verify_once(chunk_fn: Callable, q: torch.Tensor, i: torch.Tensor, lower_bound: torch.Tensor | None,
-                launch: tuple = (), swish_q: bool = False) -> None:
-    """``verify`` for the configuration of these inputs, on CUDA, outside graph capture and compilation."""
-    if not q.is_cuda or os.environ.get("HGRN2_SKIP_KERNEL_CHECK") == "1":
-        return
+                launch: tuple = (), swish_q: bool = False) -> bool:
+    """``verify`` for the configuration of these inputs, on CUDA, outside graph capture and compilation. Returns
+    whether that is settled for good: checked, or nothing to check (not on CUDA); False while the check is
+    deferred (capture, compilation, HGRN2_SKIP_KERNEL_CHECK=1), so that the caller asks again."""
+    if not q.is_cuda:
+        return True
+    if os.environ.get("HGRN2_SKIP_KERNEL_CHECK") == "1":
+        return False
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
-        return
+        return False
     verify(chunk_fn, q.dtype, q.shape[2], q.shape[3], i.shape[3], lower_bound is not None, q.device, launch,
            swish_q)
+    return True

@@ -88,3 +88,33 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if not torch.isfinite(actual).all():
         return float("inf")
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def stub_compiled_launches(calls: list | None = None) -> None:
+    """Every compiled Triton launch becomes a stand-in that runs nothing, for host-side checks and profiles on
+    a machine without a GPU: ``kernel[grid](*args, **kwargs)`` returns a stand-in compiled kernel (so
+    kernels.launch keeps it and later launches take its shortcut), and the device queries answer device 0,
+    stream 0. ``calls`` receives ("jit", kernel id, args, kwargs) per launch through Triton's path and
+    ("direct", kernel id, launcher arguments) per shortcut launch. For a process of its own (not undone); the
+    kernels must have been decorated without TRITON_INTERPRET."""
+    from types import SimpleNamespace
+
+    from triton.runtime.jit import JITFunction
+
+    from kernels import launch
+
+    record = calls.append if calls is not None else lambda call: None
+
+    def jit_launch(kernel, grid):
+        def run_jit(*args, **kwargs):
+            ident = len(stand_ins)
+            stand_ins.append(SimpleNamespace(packed_metadata=None, function=ident,
+                                             run=lambda *launcher_args: record(("direct", ident, launcher_args))))
+            record(("jit", ident, args, kwargs))
+            return stand_ins[-1]
+        return run_jit
+
+    stand_ins: list = []
+    JITFunction.__getitem__ = jit_launch
+    launch._current_device = lambda: 0
+    launch.driver = SimpleNamespace(active=SimpleNamespace(get_current_stream=lambda device: 0))
