@@ -32,8 +32,9 @@ Launches, backward: state-gradient scan (reverse, sequential over chunks: the st
                     (parallel over chunks and key groups: the intra-chunk parts of dq, dk; dq; the log-decay
                     gradient; d f_logit, d beta; tier 0, then the rare tiers; on Hopper with bf16 inputs tier 0
                     is the Gluon kernel of gluon_tier0.py, _gluon_tier0).
-Every launch goes through kernels.launch.launch (Triton's JIT path once per configuration, then the compiled
-kernel's launcher).
+Every launch goes through a _Plan, made once per configuration: its kernels.launch.BoundLaunch objects take
+Triton's JIT path once, then the compiled kernel's launcher without keying the arguments where the caller's
+tensors are aligned (docs/kernels.md, "Plans").
 """
 
 from __future__ import annotations
