@@ -60,10 +60,15 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, **kwargs) -> tuple | None
             return None
         found = _compiled[key] = (*_launcher(compiled), _trailing_arguments(kernel, len(args), kwargs))
         return found
-    launcher, middle, trailing = found
-    grid = (*grid, 1, 1)
-    launcher(grid[0], grid[1], grid[2], driver.active.get_current_stream(device), *middle, *args, *trailing)
+    _launch_direct(found, grid, driver.active.get_current_stream(device), args)
     return found
+
+
+def _launch_direct(direct: tuple, grid: tuple[int, ...], stream: int, args: tuple) -> None:
+    """A kept compiled kernel (launch's (launcher, middle, trailing)) launched on ``stream``, grid padded to 3-D."""
+    launcher, middle, trailing = direct
+    grid = (*grid, 1, 1)
+    launcher(grid[0], grid[1], grid[2], stream, *middle, *args, *trailing)
 
 
 class BoundLaunch:
@@ -82,9 +87,7 @@ class BoundLaunch:
 
     def __call__(self, grid: tuple[int, ...], args: tuple, stream: int | None = None) -> None:
         if stream is not None and self._direct is not None:
-            launcher, middle, trailing = self._direct
-            grid = (*grid, 1, 1)
-            launcher(grid[0], grid[1], grid[2], stream, *middle, *args, *trailing)
+            _launch_direct(self._direct, grid, stream, args)
             return
         direct = launch(self.kernel, grid, args, **self.options)
         if stream is not None:
